@@ -1,0 +1,200 @@
+"""The `l2t` command line. Every command that takes a config accepts trailing `key=value` overrides."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.config import ConfigError, json_schema, load_config
+
+app = typer.Typer(help="l2t: visual instruction tuning with the L2T loss on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Validate configs and print their schema.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare, inspect and summarize data.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4", show_default=False)]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, overrides: list[str] | None):
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as error:
+        _fail(str(error))
+
+
+@config_app.command("validate")
+def config_validate(file: Path, overrides: Overrides = None) -> None:
+    """Check a config file (and overrides); prints the resolved config."""
+    cfg = _load(file, overrides)
+    console.print(f"[green]ok[/green] {file}")
+    console.print_json(json.dumps(cfg.model_dump(mode="json")))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """JSON Schema of experiment configs, for editors."""
+    print(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option(help="Folder for data, models, runs and the MLflow store.")] = Path("l2t_quickstart"),
+    overrides: Overrides = None,
+) -> None:
+    """Synthetic data -> Ray Data -> VIT and L2T runs on Ray Train + DeepSpeed -> evaluation -> MLflow."""
+    from orchestrator.quickstart import run_quickstart
+
+    from orchestrator.prepare import PrepareError
+
+    try:
+        run_quickstart(output, overrides, console)
+    except (ConfigError, PrepareError) as error:
+        _fail(str(error), code=1)
+
+
+@app.command()
+def train(config: Path, overrides: Overrides = None) -> None:
+    """Prepare (or reuse) the data, train with Ray Train, evaluate, log to MLflow."""
+    from orchestrator.cluster import connect
+    from orchestrator.pipeline import run_experiment
+    from orchestrator.quickstart import comparison_table
+    from orchestrator.prepare import PrepareError
+    from orchestrator.tracking import TrackingError, tracking_uri
+
+    cfg = _load(config, overrides)
+    try:
+        connect()
+        result = run_experiment(cfg)
+    except (TrackingError, PrepareError) as error:
+        _fail(str(error))
+    console.print(comparison_table([result], title=result.run_name))
+    console.print(f"model: {result.train.model_dir}")
+    console.print(f"MLflow run {result.mlflow_run_id} in {tracking_uri(cfg)}")
+
+
+@data_app.command("prepare")
+def data_prepare(config: Path, overrides: Overrides = None, force: bool = typer.Option(False, help="Prepare again even if the output exists.")) -> None:
+    """Validate, quarantine, count task templates, tokenize and segment into Parquet shards."""
+    from orchestrator.cluster import connect
+    from orchestrator.pipeline import materialize_synthetic, resolve_model
+    from orchestrator.prepare import PrepareError, prepare
+
+    cfg = _load(config, overrides)
+    connect()
+    cfg = materialize_synthetic(cfg)
+    try:
+        prepared = prepare(cfg, resolve_model(cfg), force=force)
+    except PrepareError as error:
+        _fail(str(error), code=1)
+    _print_manifest(prepared.manifest)
+    console.print(f"prepared data: {prepared.path}")
+
+
+def _print_manifest(manifest: dict) -> None:
+    table = Table(title=f"prepared data {manifest['key']}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("rows_in", "rows_written", "rows_quarantined", "truncated_rows", "tokens_total", "length_mean", "length_max", "num_image_tokens", "task_templates", "task_templates_version", "chat_template"):
+        value = manifest.get(key)
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    for reason, count in manifest.get("quarantined_by_reason", {}).items():
+        table.add_row(f"  quarantined: {reason}", str(count))
+    total = max(1, manifest.get("tokens_total", 0))
+    for segment, count in manifest.get("tokens_by_segment", {}).items():
+        table.add_row(f"  tokens: {segment}", f"{count} ({count / total:.1%})")
+    console.print(table)
+
+
+@data_app.command("stats")
+def data_stats(directory: str) -> None:
+    """The manifest of a prepared data folder, as a table."""
+    from orchestrator.prepare import PreparedData
+
+    try:
+        _print_manifest(PreparedData.load(directory).manifest)
+    except FileNotFoundError as error:
+        _fail(str(error))
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Path,
+    config: Annotated[Path, typer.Option("--config", help="Experiment config (chat template, model, masking).")],
+    mode: Annotated[Optional[str], typer.Option(help="Masking mode; the config's when unset.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 3,
+    fmt: Annotated[str, typer.Option("--format", help="text, html or json")] = "text",
+    overrides: Overrides = None,
+) -> None:
+    """Show each token with its segment and weight (terminal colors, standalone HTML, or JSON)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from orchestrator.pipeline import materialize_synthetic, resolve_model
+    from workloads.conversations import ConversationError, parse_record
+    from workloads.mask_inspect import inspect_rows, to_html, to_json, to_rich_text
+    from workloads.model import num_image_tokens
+    from workloads.segments import MASKING_MODES, EncodeSpec, encode_conversations
+
+    cfg = _load(config, overrides)
+    mode = mode or cfg.masking.mode
+    if mode not in MASKING_MODES:
+        _fail(f"--mode must be one of {MASKING_MODES}")
+    if fmt not in ("text", "html", "json"):
+        _fail("--format must be text, html or json")
+    cfg = materialize_synthetic(cfg)
+    model_dir = resolve_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    templates: tuple[str, ...] = ()
+    if cfg.masking.task_templates.file:
+        from workloads.task_templates import TaskTemplateList
+
+        templates = TaskTemplateList.load(cfg.masking.task_templates.file).sentences()
+    spec = EncodeSpec(
+        template=cfg.data.chat_template,
+        num_image_tokens=num_image_tokens(AutoConfig.from_pretrained(model_dir)),
+        max_length=cfg.data.max_length,
+        task_templates=templates,
+        system_prompt=cfg.data.system_prompt,
+    )
+    conversations = []
+    text = file.read_text(encoding="utf-8")
+    records = json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    for number, record in enumerate(records[:limit], start=1):
+        try:
+            conversations.append(parse_record(record, cfg.data.format, default_id=f"{file.name}:{number}"))
+        except ConversationError as error:
+            err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
+    encoded = []
+    for conversation, row in zip(conversations, encode_conversations(conversations, tokenizer, spec)):
+        if isinstance(row, ConversationError):
+            err.print(f"[yellow]skipped[/yellow] {row} ({row.reason})")
+        else:
+            encoded.append((conversation.id, row))
+    rows = inspect_rows(encoded, tokenizer, mode, cfg.masking.lambda_instruction, cfg.masking.lambda_response)
+    if fmt == "json":
+        print(to_json(rows))
+    elif fmt == "html":
+        print(to_html(rows))
+    else:
+        console.print(to_rich_text(rows))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,49 @@
+"""Connecting to Ray and sizing requests from what the cluster has.
+
+Resource requests are logical, so l2t derives them from the cluster instead
+of hard-coding them: on a 2-core laptop two CPU workers at 1 CPU each would
+leave nothing for Ray Data and the worker group would never start (see
+DESIGN.md, "Ray, as of 2.60").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Share of a CPU-only cluster kept free for Ray Data while Train workers run.
+DATA_CPU_RESERVE = 0.5
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS / `address` if given, else start a local cluster on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)  # the dashboard serves Train's state API
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.execution_options.preserve_order = True  # same data order on every run and every resume
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def cpus_per_worker(num_workers: int, requested: float | None, use_gpu: bool) -> float:
+    """Logical CPUs per Train worker: as requested, else what leaves room for Ray Data."""
+    if requested:
+        return requested
+    if use_gpu:
+        return 1.0
+    free = max(cluster_cpus() - DATA_CPU_RESERVE, 0.25 * num_workers)
+    return round(max(0.25, min(1.0, free / num_workers)), 2)

@@ -1,0 +1,114 @@
+"""Local paths and s3:// URIs behind one small interface (pyarrow's filesystems).
+
+Ray Data and Ray Train already speak pyarrow filesystems, so every file l2t
+writes itself (manifests, template lists, metric logs) goes the same way.
+Credentials come only from the standard AWS chain (environment, profile,
+instance role); `AWS_ENDPOINT_URL` points at an S3-compatible endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def absolute(uri: str) -> str:
+    """An absolute local path, or the URI unchanged."""
+    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return str(Path(uri, *parts))
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_s3(uri):
+        bucket_and_key = uri[len("s3://") :]
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), bucket_and_key.rstrip("/")
+    return pafs.LocalFileSystem(), absolute(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(posixpath.dirname(path) if is_s3(uri) else str(Path(path).parent), recursive=True)
+    with fs.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def append_text(uri: str, text: str) -> None:
+    """Append to a file (local: in place; S3: read and rewrite, fine for small logs)."""
+    if not is_s3(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with open(uri, "a") as handle:
+            handle.write(text)
+        return
+    write_text(uri, (read_text(uri) if exists(uri) else "") + text)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def list_files(uri: str) -> list[str]:
+    """Files under a folder (recursively), as URIs/paths of the same kind."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(prefix + info.path for info in infos if info.type == pafs.FileType.File)
+
+
+def file_fingerprint(uri: str) -> str:
+    """Identity of a file's content without reading it: path, size and modification time."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return f"{uri}|{info.size}|{mtime}"
+
+
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|access_key|api_key|credential|session_key)", re.I)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(value):
+    """A copy with credentials removed: secret-looking keys and user:password@ in URLs."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub("***@", value)
+    return value

@@ -1,0 +1,65 @@
+"""Shared fixtures: a small synthetic data set, the tiny model, one Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    from workloads.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic_dataset(
+        out, train_rows=400, eval_rows=40, seed=0, max_objects=1, image_size=32, kinds=("color", "shape", "exists", "caption")
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(synthetic_data, tmp_path_factory) -> str:
+    """The tiny LLaVA preset, its tokenizer trained on the synthetic corpus rendered with vicuna_v1."""
+    from orchestrator.pipeline import _corpus
+    from workloads.tiny_model import TinyModelSpec, build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model(out, _corpus([str(synthetic_data.train_file)], "vicuna_v1"), TinyModelSpec())
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every Ray test of the session (start-up costs seconds)."""
+    import ray
+
+    from orchestrator.cluster import connect
+
+    connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def experiment_config(storage_path: Path | str, **sections):
+    """A small experiment config (synthetic data, tiny model) with section overrides."""
+    from orchestrator.config import config_from_dict
+
+    raw = {
+        "name": "test",
+        "data": {
+            "synthetic": {"train_rows": 400, "eval_rows": 40, "max_objects": 1, "kinds": ["color", "shape", "exists", "caption"]},
+            "chat_template": "vicuna_v1",
+            "max_length": 128,
+        },
+        "model": {"name_or_path": "tiny", "freeze": "none"},
+        "train": {"max_steps": 10, "lr": 2e-3, "micro_batch_size": 8, "num_workers": 2, "log_every": 5},
+        "eval": {"max_rows": 40},
+        "storage": {"path": str(storage_path)},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)

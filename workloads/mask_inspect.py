@@ -1,0 +1,161 @@
+"""Show what the loss sees: every token with its segment and weight.
+
+Masking bugs are silent (a model trains fine on the wrong tokens), so the
+prepared data must be easy to look at. `inspect_rows` turns encoded rows into
+plain dicts; `to_json` keeps every token (for diffing and tools), `to_html`
+writes a standalone page colored by segment with the weight on hover, and
+`to_rich_text` prints the same in a terminal. The two displays collapse each
+image block into one item such as ``<image>×576``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterable
+
+import numpy as np
+
+from workloads.segments import EncodedRow, Segment, segment_weight_table
+
+# One color per segment, shared by the HTML page and the terminal.
+SEGMENT_COLORS: dict[Segment, str] = {
+    Segment.PAD: "#bbbbbb",
+    Segment.SYSTEM: "#9e9e9e",
+    Segment.ROLE: "#8d6e63",
+    Segment.IMAGE: "#ab47bc",
+    Segment.INSTRUCTION: "#1e88e5",
+    Segment.TASK_TEMPLATE: "#fb8c00",
+    Segment.RESPONSE: "#43a047",
+    Segment.END_OF_TURN: "#00897b",
+}
+
+
+def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
+    """Readable text of each token on its own, keeping a Metaspace word's leading space."""
+    ids = [int(i) for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = []
+    for token_id, piece in zip(ids, pieces):
+        text = tokenizer.decode([token_id])
+        if piece.startswith("▁") and not text.startswith(" "):
+            text = " " + text
+        texts.append(text)
+    return texts
+
+
+def inspect_rows(encoded, tokenizer, mode: str, lambda_instruction: float = 1.0, lambda_response: float = 1.0) -> list[dict]:
+    """`encoded`: (row_id, EncodedRow) pairs -> [{"id", "tokens": [{"text", "id", "segment", "weight"}]}]."""
+    table = segment_weight_table(mode, lambda_instruction, lambda_response)
+    rows = []
+    for row_id, row in encoded:
+        if not isinstance(row, EncodedRow):
+            raise TypeError(f"row {row_id!r} is {type(row).__name__}, not an EncodedRow")
+        segments = np.asarray(row.segments)
+        weights = table[segments.astype(np.int64)]
+        texts = token_texts(tokenizer, row.input_ids)
+        tokens = [
+            {"text": text, "id": int(token_id), "segment": Segment(int(segment)).name.lower(), "weight": float(weight)}
+            for text, token_id, segment, weight in zip(texts, row.input_ids, segments, weights)
+        ]
+        rows.append({"id": row_id, "mode": mode, "truncated": bool(row.truncated), "tokens": tokens})
+    return rows
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps(rows, ensure_ascii=False, indent=1)
+
+
+def collapsed_tokens(tokens: list[dict]) -> list[dict]:
+    """Runs of image tokens with one id become one item whose text is ``<image>×N``."""
+    items: list[dict] = []
+    for token in tokens:
+        previous = items[-1] if items else None
+        if (
+            token["segment"] == "image"
+            and previous is not None
+            and previous["segment"] == "image"
+            and previous["id"] == token["id"]
+        ):
+            previous["count"] += 1
+            continue
+        items.append({**token, "count": 1})
+    for item in items:
+        if item["count"] > 1:
+            item["text"] = f"{item['text']}×{item['count']}"
+    return items
+
+
+def _visible(text: str) -> str:
+    """Whitespace made visible for display, line breaks kept."""
+    return text.replace("\t", "⇥").replace("\n", "↵\n")
+
+
+def to_html(rows: list[dict]) -> str:
+    legend = "".join(
+        f'<span class="tok seg-{segment.name.lower()}">{segment.name.lower()}</span> '
+        for segment in Segment
+        if segment != Segment.PAD
+    )
+    styles = "\n".join(
+        f".seg-{segment.name.lower()} {{ background: {color}33; border-bottom: 2px solid {color}; }}"
+        for segment, color in SEGMENT_COLORS.items()
+    )
+    bodies = []
+    for row in rows:
+        spans = []
+        for item in collapsed_tokens(row["tokens"]):
+            title = f"{item['segment']} · weight {item['weight']:g} · id {item['id']}"
+            zero = " zero" if item["weight"] == 0 else ""
+            spans.append(
+                f'<span class="tok seg-{item["segment"]}{zero}" title="{html.escape(title)}">'
+                f"{html.escape(_visible(item['text']))}</span>"
+            )
+        trained = sum(1 for t in row["tokens"] if t["weight"] > 0)
+        header = (
+            f"<h2>{html.escape(str(row['id']))}</h2><p class=meta>mode {html.escape(str(row.get('mode', '')))} · "
+            f"{len(row['tokens'])} tokens · {trained} weighted{' · truncated' if row.get('truncated') else ''}</p>"
+        )
+        bodies.append(f'<section>{header}<pre class="row">{"".join(spans)}</pre></section>')
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>l2t token masks</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+pre.row {{ white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.9; }}
+.tok {{ padding: 1px 0; margin-right: 1px; border-radius: 2px; }}
+.zero {{ opacity: 0.55; }}
+.legend .tok {{ padding: 2px 6px; }}
+.meta {{ color: #666; }}
+{styles}
+</style>
+</head>
+<body>
+<h1>Token masks</h1>
+<p class="legend">Legend: {legend}<br>Faded tokens have weight 0. Hover a token for its segment and weight.</p>
+{"".join(bodies)}
+</body>
+</html>
+"""
+
+
+def to_rich_text(rows: list[dict]):
+    from rich.text import Text
+
+    out = Text()
+    out.append("legend: ")
+    for segment, color in SEGMENT_COLORS.items():
+        if segment != Segment.PAD:
+            out.append(segment.name.lower(), style=f"bold {color}")
+            out.append(" ")
+    out.append("(dim = weight 0)\n")
+    for row in rows:
+        out.append(f"\n== {row['id']} ==\n", style="bold")
+        for item in collapsed_tokens(row["tokens"]):
+            color = SEGMENT_COLORS[Segment[item["segment"].upper()]]
+            style = color if item["weight"] > 0 else f"dim {color}"
+            out.append(_visible(item["text"]), style=f"underline {style}")
+        out.append("\n")
+    return out
