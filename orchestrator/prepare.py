@@ -145,19 +145,18 @@ def read_raw_rows(files: list[str], num_cpus: float):
     """A Ray Dataset of `{source, line, raw}`, one row per record of every file."""
     import ray.data
 
-    remote = {"num_cpus": num_cpus}
     parts = []
     json_files = [f for f in files if not f.endswith(".parquet")]
     parquet_files = [f for f in files if f.endswith(".parquet")]
     if json_files:
         fs, _ = storage.filesystem(json_files[0])
         paths = [storage.filesystem(f)[1] for f in json_files]
-        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, ray_remote_args=remote)
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs, num_cpus=num_cpus)
         parts.append(ds.flat_map(_split_file, num_cpus=num_cpus))
     if parquet_files:
         fs, _ = storage.filesystem(parquet_files[0])
         paths = [storage.filesystem(f)[1] for f in parquet_files]
-        ds = ray.data.read_parquet(paths, include_paths=True, filesystem=fs, ray_remote_args=remote)
+        ds = ray.data.read_parquet(paths, include_paths=True, filesystem=fs, num_cpus=num_cpus)
         parts.append(ds.map_batches(_parquet_to_raw, batch_format="pyarrow", num_cpus=num_cpus))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -255,15 +254,16 @@ def _sentence_counts(batch: dict[str, np.ndarray], fmt: str) -> dict[str, list]:
     return {"sentence": list(counts), "count": list(counts.values())}
 
 
-def task_template_stats(good_rows, cfg: ExperimentConfig, num_cpus: float):
+def task_template_stats(good_rows, cfg: ExperimentConfig, num_cpus: float, parallelism: int = 1):
     """Distributed sentence count over all user turns, then the top-k / min-share selection."""
     from workloads.task_templates import select_task_templates
 
     selection = cfg.masking.task_templates
     totals = (
         good_rows.map_batches(_sentence_counts, fn_kwargs={"fmt": cfg.data.format}, batch_size=2048, num_cpus=num_cpus)
-        .groupby("sentence")
+        .groupby("sentence", num_partitions=max(1, parallelism))
         .sum("count")
+        .materialize()
     )
     turns_rows = totals.filter(lambda r: r["sentence"] == TURNS_KEY).take_all()
     total_turns = int(turns_rows[0]["sum(count)"]) if turns_rows else 0
@@ -407,11 +407,11 @@ def prepare(cfg: ExperimentConfig, model_dir: str, *, data_cpus: float | None = 
     if rows_in == 0:
         raise PrepareError(f"data.sources: no rows found in {files}")
 
-    good = validated.filter(lambda r: r["ok"])
+    good = validated.filter(expr="ok")
     if cfg.masking.task_templates.file:
         templates = TaskTemplateList.from_dict(json.loads(storage.read_text(cfg.masking.task_templates.file)))
     else:
-        templates = task_template_stats(good, cfg, task_cpus)
+        templates = task_template_stats(good, cfg, task_cpus, parallelism=int(cpus))
 
     model_config = AutoConfig.from_pretrained(model_dir)
     spec_kwargs = {
@@ -430,7 +430,7 @@ def prepare(cfg: ExperimentConfig, model_dir: str, *, data_cpus: float | None = 
     ).materialize()
 
     quarantine_columns = QUARANTINE_SCHEMA.names
-    bad_validation = validated.filter(lambda r: not r["ok"]).select_columns(quarantine_columns)
+    bad_validation = validated.filter(expr="not ok").select_columns(quarantine_columns)
     bad_encoding = encoded.map_batches(
         _keep, fn_kwargs={"ok": False, "columns": quarantine_columns}, batch_format="pyarrow", num_cpus=task_cpus
     )

@@ -72,9 +72,7 @@ def training_dataset(prepared: PreparedData, model_dir: str, image_root: str | N
     import ray.data
 
     fs, path = storage.filesystem(prepared.shards)
-    ds = ray.data.read_parquet(
-        path, filesystem=fs, columns=["input_ids", "segments", "images"], ray_remote_args={"num_cpus": data_cpus}
-    )
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=data_cpus).select_columns(["input_ids", "segments", "images"])
     return ds.map_batches(
         LoadImages,
         fn_constructor_kwargs={"model_dir": model_dir, "image_root": image_root},

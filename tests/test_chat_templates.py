@@ -232,3 +232,22 @@ def test_fast_template_search_matches_sentence_splitting(words, separators):
 
 def test_multi_sentence_templates_never_match():
     assert task_template_set(["One. Two.", "  Fine  one. ", ""]) == frozenset({"Fine one."})
+
+
+@pytest.mark.parametrize("family", ["byte_bpe", "sentencepiece_bpe"])
+def test_qwen2_golden_tokens(family):
+    """Token level: in ChatML every piece boundary is a special token or a newline, so runs decode exactly."""
+    from workloads.segments import EncodeSpec, encode_conversations
+
+    tokenizer = train_tokenizer(["What animal is this? Cat. It is black and white."] * 20, family=family, vocab_size=320)
+    (row,) = encode_conversations([TWO_ROUNDS], tokenizer, EncodeSpec("qwen2", 2, 1000, task_templates=(VQA,)))
+    ids, segments = row.input_ids.tolist(), row.segments.tolist()
+    runs, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or segments[end] != segments[start]:
+            in_context = tokenizer.decode(ids[:end])[len(tokenizer.decode(ids[:start])) :]
+            runs.append((S(segments[start]), in_context))
+            start = end
+    expected = render(TWO_ROUNDS, "qwen2", task_templates=[VQA]).piece_texts()
+    expected[2] = (S.IMAGE, "<image><image>")  # one placeholder, two image tokens
+    assert runs == expected

@@ -30,7 +30,7 @@ import string
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workloads.chat_templates import TEMPLATES, render
@@ -164,7 +164,7 @@ CASES = [(family, template) for family in TOKENIZER_FAMILIES for template in TEM
 
 
 @pytest.mark.parametrize("family,template", CASES)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(conv=conversations())
 def test_segments_are_exact(tokenizers, family, template, conv):
     tokenizer = tokenizers[family]
@@ -232,7 +232,7 @@ def check_weights(segments: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("family", TOKENIZER_FAMILIES)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(conv=conversations(), template=st.sampled_from(TEMPLATES), block=st.integers(1, 5), max_length=st.integers(1, 120))
 def test_image_expansion_and_truncation(tokenizers, family, conv, template, block, max_length):
     tokenizer = tokenizers[family]
