@@ -86,6 +86,72 @@ def train(config: Path, overrides: Overrides = None) -> None:
     console.print(f"MLflow run {result.mlflow_run_id} in {tracking_uri(cfg)}")
 
 
+@app.command()
+def sweep(config: Path, overrides: Overrides = None) -> None:
+    """Ray Tune over λ_I, λ_A and other keys; one MLflow parent run, one child per trial. Re-run to resume."""
+    from orchestrator.cluster import connect
+    from orchestrator.compare import compare as build_comparison
+    from orchestrator.compare import table
+    from orchestrator.prepare import PrepareError
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking import TrackingError, tracking_uri
+
+    cfg = _load(config, overrides)
+    try:
+        connect()
+        result = run_sweep(cfg)
+    except (TrackingError, PrepareError, ConfigError) as error:
+        _fail(str(error), code=1)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    comparison = build_comparison(result.name, Path(result.path) if not result.path.startswith("s3://") else Path("l2t_compare") / result.name, metrics=[cfg.sweep.metric, *_default_metrics()], experiment=cfg.tracking.experiment)
+    console.print(table(comparison))
+    console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {tracking_uri(cfg)}")
+
+
+def _default_metrics() -> list[str]:
+    from orchestrator.compare import DEFAULT_METRICS
+
+    return list(DEFAULT_METRICS)
+
+
+@app.command()
+def compare(
+    name: Annotated[str, typer.Argument(help="A sweep name (its MLflow parent run) or an MLflow experiment name.")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="Take the tracking URI and experiment from this config.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (else the config's, else MLFLOW_TRACKING_URI).")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option(help="Metrics to compare (repeatable).")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for the table (CSV) and the plots (PNG).")] = Path("l2t_compare"),
+) -> None:
+    """Trials side by side: a table (best highlighted), λ_I x λ_A heatmaps and training curves."""
+    import os
+
+    import mlflow
+
+    from orchestrator.compare import compare as build_comparison
+    from orchestrator.compare import table
+
+    experiment = None
+    if config is not None:
+        from orchestrator.tracking import tracking_uri as config_uri
+
+        cfg = _load(config, [])
+        tracking_uri = tracking_uri or config_uri(cfg)
+        experiment = cfg.tracking.experiment
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        _fail("give --tracking-uri or --config (or set MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        result = build_comparison(name, output / name, metrics=metric or None, experiment=experiment)
+    except LookupError as error:
+        _fail(str(error), code=1)
+    console.print(table(result))
+    for path in result.files:
+        console.print(f"wrote {path}")
+
+
 @data_app.command("prepare")
 def data_prepare(config: Path, overrides: Overrides = None, force: bool = typer.Option(False, help="Prepare again even if the output exists.")) -> None:
     """Validate, quarantine, count task templates, tokenize and segment into Parquet shards."""
@@ -154,14 +220,21 @@ def data_inspect(
         _fail(f"--mode must be one of {MASKING_MODES}")
     if fmt not in ("text", "html", "json"):
         _fail("--format must be text, html or json")
-    cfg = materialize_synthetic(cfg)
+    if cfg.model.name_or_path == "tiny":
+        cfg = materialize_synthetic(cfg)  # the tiny preset's tokenizer is trained on the training data
     model_dir = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    templates: tuple[str, ...] = ()
-    if cfg.masking.task_templates.file:
-        from workloads.task_templates import TaskTemplateList
-
-        templates = TaskTemplateList.load(cfg.masking.task_templates.file).sentences()
+    conversations = []
+    text = file.read_text(encoding="utf-8")
+    records = json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    for number, record in enumerate(records, start=1):
+        try:
+            conversations.append(parse_record(record, cfg.data.format, default_id=f"{file.name}:{number}"))
+        except ConversationError as error:
+            if number <= limit:
+                err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
+    templates = _task_templates_for(cfg, conversations)
+    conversations = conversations[:limit]
     spec = EncodeSpec(
         template=cfg.data.chat_template,
         num_image_tokens=num_image_tokens(AutoConfig.from_pretrained(model_dir)),
@@ -169,14 +242,6 @@ def data_inspect(
         task_templates=templates,
         system_prompt=cfg.data.system_prompt,
     )
-    conversations = []
-    text = file.read_text(encoding="utf-8")
-    records = json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
-    for number, record in enumerate(records[:limit], start=1):
-        try:
-            conversations.append(parse_record(record, cfg.data.format, default_id=f"{file.name}:{number}"))
-        except ConversationError as error:
-            err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
     encoded = []
     for conversation, row in zip(conversations, encode_conversations(conversations, tokenizer, spec)):
         if isinstance(row, ConversationError):
@@ -190,6 +255,17 @@ def data_inspect(
         print(to_html(rows))
     else:
         console.print(to_rich_text(rows))
+
+
+def _task_templates_for(cfg, conversations) -> tuple[str, ...]:
+    """The configured task-template list, else one selected from the inspected rows themselves."""
+    from workloads.task_templates import TaskTemplateList, count_sentences, select_task_templates
+
+    selection = cfg.masking.task_templates
+    if selection.file:
+        return TaskTemplateList.load(selection.file).sentences()
+    counts, turns = count_sentences(conversations)
+    return select_task_templates(counts, turns, top_k=selection.top_k, min_share=selection.min_share).sentences()
 
 
 def main() -> None:  # pragma: no cover

@@ -181,17 +181,48 @@ class TrainConfig(_Strict):
     """`stream`: Ray Data loads images while training runs; `materialize`: load them all before the fit starts; `auto`: stream when the cluster has a CPU to spare beside the workers."""
 
 
-class SweepConfig(_Strict):
-    """What `l2t sweep` varies."""
+class AshaConfig(_Strict):
+    """Asynchronous successive halving: stop trials that are clearly worse early."""
 
+    enabled: bool = False
+    """Use ASHA; otherwise every trial runs to the end."""
+    metric: str = "loss_response"
+    """Training metric compared across trials (`loss_response` does not scale with λ, unlike `loss`)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher `metric` is better."""
+    grace_period: int = Field(2, ge=1)
+    """Reports a trial gets before it can be stopped."""
+    reduction_factor: float = Field(2.0, gt=1.0)
+    """Keep 1/reduction_factor of the trials at each rung."""
+
+
+class SweepConfig(_Strict):
+    """What `l2t sweep` varies, and how trials run."""
+
+    search: Literal["grid", "random", "points"] = "grid"
+    """`grid`: every combination; `random`: `num_samples` draws from the listed values; `points`: exactly `points`."""
     lambda_instruction: list[float] = Field(default_factory=list)
-    """λ_I values of the grid."""
+    """λ_I values (`masking.lambda_instruction`)."""
     lambda_response: list[float] = Field(default_factory=list)
-    """λ_A values of the grid."""
+    """λ_A values (`masking.lambda_response`)."""
     parameters: dict[str, list[Any]] = Field(default_factory=dict)
-    """Other swept keys, by dotted path (e.g. `train.lr: [1e-4, 3e-4]`)."""
+    """Other swept keys by dotted path, e.g. `masking.mode: [response, l2t]` or `train.lr: [1e-4, 3e-4]`."""
+    points: list[dict[str, Any]] = Field(default_factory=list)
+    """Explicit trials for `search: points`, each `{dotted.key: value}`."""
+    num_samples: int = Field(4, ge=1)
+    """Trials drawn for `search: random`."""
+    seed: int = 0
+    """Seed of the random search."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; derived from the cluster when unset."""
+    max_failures: int = Field(1, ge=0)
+    """Retries of a failed trial."""
+    metric: str = "eval/accuracy"
+    """Metric that picks the best trial in `l2t compare`."""
+    metric_mode: Literal["min", "max"] = "max"
+    """Whether lower or higher `metric` is better."""
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+    """Early stopping."""
 
 
 class EvalConfig(_Strict):

@@ -9,6 +9,7 @@ and only training and evaluation are repeated.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,11 @@ from orchestrator import storage
 from orchestrator.config import ExperimentConfig, config_from_dict
 from orchestrator.prepare import PreparedData, prepare
 from orchestrator.train import TrainResult, run_train
+
+
+def log(message: str) -> None:
+    """Progress for people, on stderr so that stdout stays clean for piped output."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -53,10 +59,10 @@ def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
     root = Path(storage.absolute(cfg.storage.path))
     if storage.is_s3(str(root)):
         raise ValueError("data.synthetic needs a local storage.path (generate once, then upload)")
-    out = root / "data" / f"synthetic-{cfg.fingerprint('data')[:4]}-{_hash(synthetic.model_dump(mode='json'))}"
+    out = root / "data" / f"synthetic-{_hash(synthetic.model_dump(mode='json'))}"
     done = out / ".complete"
     if not done.exists():
-        print(f"[data] generating synthetic data set: {synthetic.train_rows} train rows, {synthetic.eval_rows} eval questions -> {out}", flush=True)
+        log(f"[data] generating synthetic data set: {synthetic.train_rows} train rows, {synthetic.eval_rows} eval questions -> {out}")
         write_synthetic_dataset(
             out,
             train_rows=synthetic.train_rows,
@@ -119,7 +125,7 @@ def resolve_model(cfg: ExperimentConfig) -> str:
     key = _hash({"tiny": cfg.model.tiny.model_dump(mode="json"), "template": cfg.data.chat_template, "corpus": [storage.file_fingerprint(f) for f in files], "seed": cfg.train.seed})
     out = Path(storage.absolute(cfg.storage.path)) / "models" / f"tiny-{key}"
     if not (out / "config.json").exists():
-        print(f"[model] building the tiny LLaVA preset -> {out}", flush=True)
+        log(f"[model] building the tiny LLaVA preset -> {out}")
         tiny = cfg.model.tiny
         spec = TinyModelSpec(
             image_size=tiny.image_size,
@@ -194,13 +200,12 @@ def prepare_inputs(cfg: ExperimentConfig) -> tuple[ExperimentConfig, str, Prepar
     """Synthetic data (if configured), model, prepared shards: everything a fit reads."""
     cfg = materialize_synthetic(cfg)
     model_dir = resolve_model(cfg)
-    print(f"[prepare] Ray Data: validate, count task templates, tokenize and segment {cfg.data.sources}", flush=True)
+    log(f"[prepare] Ray Data: validate, count task templates, tokenize and segment {cfg.data.sources}")
     prepared = prepare(cfg, model_dir)
     m = prepared.manifest
-    print(
+    log(
         f"[prepare] {m['rows_written']} rows written, {m['rows_quarantined']} quarantined, "
-        f"{m['task_templates']} task templates -> {prepared.path}",
-        flush=True,
+        f"{m['task_templates']} task templates -> {prepared.path}"
     )
     return cfg, model_dir, prepared
 
@@ -220,9 +225,9 @@ def run_experiment(
     resolved, model_dir, prepared = inputs or prepare_inputs(cfg)
     resolved = with_overrides(resolved, {"masking": cfg.masking.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")})
     run_name = run_name or default_run_name(resolved)
-    print(f"[train] {run_name}: Ray Train, {resolved.train.num_workers} workers, DeepSpeed {resolved.train.deepspeed}", flush=True)
+    log(f"[train] {run_name}: Ray Train, {resolved.train.num_workers} workers, DeepSpeed {resolved.train.deepspeed}")
     trained = run_train(resolved, prepared, model_dir, run_name)
-    print(f"[eval] {run_name}: held-out questions", flush=True)
+    log(f"[eval] {run_name}: held-out questions")
     samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
     eval_metrics = evaluate_model(resolved, trained.model_dir, prepared, samples_file)
     run_id = log_training_run(

@@ -79,13 +79,14 @@ def log_training_run(
     params: dict[str, Any],
     artifacts: dict[str, str],
     parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log one trained model: params, the training curve, evaluation, artifacts. Returns the run id."""
     mlflow = _mlflow(cfg)
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    tags = {"l2t.kind": "trial", "mlflow.source.git.commit": git_commit()}
+    tags = {"l2t.kind": "trial", "mlflow.source.git.commit": git_commit(), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
@@ -105,7 +106,21 @@ def log_training_run(
             config_path = Path(tmp, "config.json")
             config_path.write_text(json.dumps(storage.redact(cfg.model_dump(mode="json")), indent=2))
             mlflow.log_artifact(str(config_path))
-        for name, path in artifacts.items():
-            if path and Path(path).exists():
-                mlflow.log_artifact(path, artifact_path=name)
+        log_artifacts(artifacts)
         return run.info.run_id
+
+
+def log_artifacts(artifacts: dict[str, str]) -> None:
+    """Log local files (or s3:// objects, copied through a temporary folder) into the active run."""
+    import mlflow
+
+    for name, uri in artifacts.items():
+        if not uri or not storage.exists(uri):
+            continue
+        if storage.is_s3(uri):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp, uri.rsplit("/", 1)[-1])
+                local.write_text(storage.read_text(uri))
+                mlflow.log_artifact(str(local), artifact_path=name)
+        else:
+            mlflow.log_artifact(uri, artifact_path=name)

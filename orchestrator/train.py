@@ -1,20 +1,42 @@
 """Ray Train launch: prepared shards stream through Ray Data into DeepSpeed workers.
 
-Ray Data reads the Parquet shards and loads and preprocesses images on CPU
-workers; each Train worker reads its share through `get_dataset_shard` and
-runs `workloads.train_loop.run_training`. Per-step metrics are appended to
-`metrics.jsonl` beside the run by a controller-side callback, so the curve
-survives worker restarts; the final model comes back as a checkpoint holding a
-`save_pretrained` folder.
+Data order is planned, not left to chance. The driver reads each prepared
+row's length and identity (`row_hash`: its file and position) and makes a
+`BatchPlan`: which rows form each optimizer step, and which rank reads which
+micro-batch of it. Global batches depend only on the data, the global batch
+size and the seed, not on how a step is split into workers × accumulation ×
+micro-batches, so those layouts train on the same steps, and a restarted
+worker group reads exactly the rows it read before. Within windows of a few
+steps rows are grouped by length, so micro-batches hold rows of similar
+length and carry little padding (`padding_share` per step and for the run).
+
+Ray Data reads the shards and, per rank, keeps only that rank's rows and
+loads their images with the model's image processor on CPU; each Train worker
+reads its own dataset through `get_dataset_shard` and puts its micro-batches
+in plan order before `workloads.train_loop.run_training` sees them. On a
+cluster with no CPU to spare beside the workers the datasets are materialized
+before the fit (`train.ingest`).
+
+Per-step metrics are appended to `metrics.jsonl` beside the run by a
+controller-side callback, so the curve survives worker restarts; the final
+model comes back as a checkpoint holding a `save_pretrained` folder.
+
+Runs and their names: Ray Train resumes a run whose folder already holds
+checkpoints. `run_train` lets it do so only for an unfinished run of the same
+configuration (a driver that died mid-run is picked up where it stopped);
+otherwise the old folder is replaced, so a re-run never starts from another
+run's weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +48,10 @@ from orchestrator.config import ExperimentConfig, resolve_repo_path
 from orchestrator.prepare import PreparedData
 from workloads.train_loop import MODEL_SUBDIR, TrainSpec
 
+RUN_STATE_FILE = "l2t_run.json"
+LENGTH_GROUP_STEPS = 8
+"""Global batches per length-grouping window (rows are sorted by length within it)."""
+
 
 @dataclass
 class TrainResult:
@@ -36,16 +62,123 @@ class TrainResult:
     history: list[dict[str, Any]]
     final_metrics: dict[str, Any]
     spec: TrainSpec
+    data: dict[str, Any] = field(default_factory=dict)
+    """The data plan: steps per epoch, padding share with and without length grouping."""
 
 
-class LoadImages:
-    """Ray Data stage: image paths -> `pixel_values` with the model's image processor."""
+# ---------------------------------------------------------------- the data plan
 
-    def __init__(self, model_dir: str, image_root: str | None):
+
+@dataclass
+class BatchPlan:
+    """Which prepared rows form each optimizer step, and which rank reads which of them.
+
+    Rows are numbered in the prepared order (shard file, then position). The
+    first `steps_per_epoch * global_batch` rows are cut into windows of
+    `group_steps` global batches; each window is sorted by length (longest
+    first) and cut into global batches, whose order within the window is
+    shuffled per epoch. A global batch, sorted, is cut into micro-batches of
+    neighbouring rows: micro-batch k goes to rank k % world_size as its
+    (k // world_size)-th accumulation step.
+    """
+
+    lengths: np.ndarray
+    micro_batch_size: int
+    gradient_accumulation: int
+    world_size: int
+    group_steps: int = LENGTH_GROUP_STEPS
+    seed: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.lengths) // self.global_batch
+
+    def steps(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch, global_batch] row numbers; each step's rows sorted by length, longest first."""
+        size, steps = self.global_batch, self.steps_per_epoch
+        out = []
+        for first in range(0, steps, max(1, self.group_steps)):
+            count = min(max(1, self.group_steps), steps - first)
+            rows = np.arange(first * size, (first + count) * size)
+            rows = rows[np.argsort(-self.lengths[rows], kind="stable")].reshape(count, size)
+            out.append(rows[np.random.default_rng([self.seed, epoch, first]).permutation(count)])
+        return np.concatenate(out) if out else np.zeros((0, size), dtype=np.int64)
+
+    def micro_batches(self, epoch: int) -> np.ndarray:
+        """[steps, accumulation, rank, micro] row numbers."""
+        shape = (self.steps_per_epoch, self.gradient_accumulation, self.world_size, self.micro_batch_size)
+        return self.steps(epoch).reshape(shape)
+
+    def order(self, rank: int, epoch: int) -> np.ndarray:
+        """The rows `rank` trains on in `epoch`, in the order it consumes them."""
+        return self.micro_batches(epoch)[:, :, rank, :].reshape(-1)
+
+    def rank_of_rows(self) -> np.ndarray:
+        """The rank that reads each row (the same every epoch); -1 for rows past the last whole step."""
+        owner = np.full(len(self.lengths), -1, dtype=np.int32)
+        batches = self.micro_batches(0)
+        for rank in range(self.world_size):
+            owner[batches[:, :, rank, :].reshape(-1)] = rank
+        return owner
+
+    def padding_share(self, grouped: bool = True) -> float:
+        """Padded positions / all positions over an epoch's micro-batches (grouped: this plan; else data order)."""
+        if grouped:
+            rows = self.micro_batches(0).reshape(-1, self.micro_batch_size)
+        else:
+            rows = np.arange(self.steps_per_epoch * self.global_batch).reshape(-1, self.micro_batch_size)
+        lengths = self.lengths[rows]
+        positions = lengths.max(axis=1).sum() * self.micro_batch_size
+        return float(1.0 - lengths.sum() / positions) if positions else 0.0
+
+    def to_config(self) -> dict[str, Any]:
+        return {**asdict(self), "lengths": self.lengths.astype(np.int32)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BatchPlan":
+        return cls(**config)
+
+
+@dataclass
+class RowKeys:
+    """Prepared rows in order: `row_hash` (Ray Data's identity of file + position) and length."""
+
+    hashes: np.ndarray
+    lengths: np.ndarray
+
+    def lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted hashes, row number of each) for `np.searchsorted`."""
+        by_hash = np.argsort(self.hashes)
+        return self.hashes[by_hash], by_hash.astype(np.int64)
+
+
+def read_row_keys(prepared: PreparedData) -> RowKeys:
+    """Every prepared row's identity and length, numbered by shard file (sorted) and position in it."""
+    import ray.data
+
+    fs, path = storage.filesystem(prepared.shards)
+    table = ray.data.read_parquet(path, filesystem=fs, columns=["length"], include_paths=True, include_row_hash=True).to_pandas()
+    # Within a file the read keeps row order; sorting files by name fixes the order whatever Ray's.
+    table = table.sort_values("path", kind="stable")
+    hashes = table["row_hash"].to_numpy(dtype=np.uint64)
+    if len(np.unique(hashes)) != len(hashes):
+        raise RuntimeError(f"{prepared.shards}: Ray Data's row_hash is not unique; can't plan the data order")
+    return RowKeys(hashes=hashes, lengths=table["length"].to_numpy(dtype=np.int64))
+
+
+class LoadRankRows:
+    """Ray Data stage: keep one rank's rows (by plan), load their images with the model's image processor."""
+
+    def __init__(self, model_dir: str, image_root: str | None, sorted_hashes: np.ndarray, rows: np.ndarray, owner: np.ndarray, rank: int):
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.image_root = image_root
+        self.sorted_hashes, self.rows, self.owner, self.rank = sorted_hashes, rows, owner, rank
 
     def _open(self, image: str):
         from PIL import Image
@@ -58,28 +191,75 @@ class LoadImages:
             return img.convert("RGB")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        per_row = [list(images) for images in batch["images"]]
+        hashes = np.asarray(batch["row_hash"], dtype=np.uint64)
+        at = np.minimum(np.searchsorted(self.sorted_hashes, hashes), len(self.sorted_hashes) - 1)
+        if not np.array_equal(self.sorted_hashes[at], hashes):
+            raise RuntimeError("the prepared shards changed since the data plan was made")
+        rows = self.rows[at]
+        mine = np.flatnonzero(self.owner[rows] == self.rank)
+        per_row = [list(batch["images"][i]) for i in mine]
         flat = [self._open(str(p)) for images in per_row for p in images]
         pixels = self.processor(images=flat, return_tensors="np")["pixel_values"] if flat else None
         out, cursor = [], 0
         for images in per_row:
             out.append(pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32))
             cursor += len(images)
-        return {"input_ids": batch["input_ids"], "segments": batch["segments"], "pixel_values": out}
+        return {
+            "row": rows[mine],
+            "input_ids": [batch["input_ids"][i] for i in mine],
+            "segments": [batch["segments"][i] for i in mine],
+            "pixel_values": out,
+        }
 
 
-def training_dataset(prepared: PreparedData, model_dir: str, image_root: str | None, data_cpus: float):
+def rank_datasets(prepared: PreparedData, keys: RowKeys, plan: BatchPlan, model_dir: str, image_root: str | None, data_cpus: float, materialize: bool):
+    """One Ray Dataset per rank with exactly that rank's rows (any order) and their pixel values."""
     import ray.data
 
     fs, path = storage.filesystem(prepared.shards)
-    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=data_cpus).select_columns(["input_ids", "segments", "images"])
-    return ds.map_batches(
-        LoadImages,
-        fn_constructor_kwargs={"model_dir": model_dir, "image_root": image_root},
-        batch_size=64,
-        num_cpus=data_cpus,
-        concurrency=1,
-    )
+    sorted_hashes, rows = keys.lookup()
+    owner = plan.rank_of_rows()
+    datasets = {}
+    for rank in range(plan.world_size):
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=["input_ids", "segments", "images"], include_row_hash=True, num_cpus=data_cpus)
+        ds = ds.map_batches(
+            LoadRankRows,
+            fn_constructor_kwargs={
+                "model_dir": model_dir,
+                "image_root": image_root,
+                "sorted_hashes": sorted_hashes,
+                "rows": rows,
+                "owner": owner,
+                "rank": rank,
+            },
+            batch_size=64,
+            num_cpus=data_cpus,
+            concurrency=1,
+        )
+        datasets[dataset_name(rank)] = ds.materialize() if materialize else ds
+    return datasets
+
+
+def dataset_name(rank: int) -> str:
+    return f"train_rank{rank}"
+
+
+def ordered_micro_batches(batches: Iterable[dict], order: np.ndarray, micro_batch_size: int) -> Iterator[dict]:
+    """Rows arrive in any order, each with its `row` number; yield micro-batches of them in `order`."""
+    pending: dict[int, dict] = {}
+    position = 0
+    for batch in batches:
+        for i, row in enumerate(batch["row"]):
+            pending[int(row)] = {k: batch[k][i] for k in ("input_ids", "segments", "pixel_values")}
+        while position + micro_batch_size <= len(order) and all(int(r) in pending for r in order[position : position + micro_batch_size]):
+            chosen = [pending.pop(int(r)) for r in order[position : position + micro_batch_size]]
+            yield {k: [row[k] for row in chosen] for k in chosen[0]}
+            position += micro_batch_size
+    if position < len(order):
+        raise RuntimeError(f"this rank's data ended {len(order) - position} planned rows early")
+
+
+# ---------------------------------------------------------------- the fit
 
 
 def load_deepspeed_config(value: str) -> dict[str, Any]:
@@ -92,8 +272,7 @@ def load_deepspeed_config(value: str) -> dict[str, Any]:
 def train_spec(cfg: ExperimentConfig, model_dir: str, rows: int) -> TrainSpec:
     """Steps and layout from the config and the number of prepared rows."""
     train = cfg.train
-    rows_per_worker = rows // train.num_workers
-    steps_per_epoch = rows_per_worker // train.micro_batch_size // train.gradient_accumulation
+    steps_per_epoch = rows // (train.num_workers * train.micro_batch_size * train.gradient_accumulation)
     if steps_per_epoch < 1:
         raise ValueError(
             f"{rows} rows are too few for one step of {train.num_workers} workers x micro batch "
@@ -132,10 +311,13 @@ def _worker_entry(config: dict[str, Any]) -> None:
     from workloads.train_loop import run_training
 
     spec = TrainSpec(**config["spec"])
-    shard = ray.train.get_dataset_shard("train")
+    plan = BatchPlan.from_config(config["plan"])
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard(dataset_name(rank))
 
     def epoch_batches(epoch: int):
-        return shard.iter_batches(batch_size=spec.micro_batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2)
+        rows = shard.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
+        return ordered_micro_batches(rows, plan.order(rank, epoch), spec.micro_batch_size)
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -150,19 +332,20 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
 
 def _metrics_logger(log_uri: str, total_steps: int, label: str):
-    """A controller-side callback: append rank 0's metrics per report, print progress."""
+    """A controller-side callback: append rank 0's metrics (plus each rank's trained tokens) per report, print progress."""
     from ray.train import UserCallback
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             row = dict(metrics[0])
+            row["trained_tokens_by_rank"] = [m.get("trained_tokens_rank") for m in metrics]
             storage.append_text(log_uri, json.dumps(row) + "\n")
             step = int(row.get("step", 0))
             if row.get("final") or step == 1 or step % max(1, total_steps // 10) == 0:
                 print(
                     f"[{label}] step {step}/{total_steps} loss {row.get('loss', float('nan')):.4f} "
                     f"instr {row.get('loss_instruction', float('nan')):.3f} resp {row.get('loss_response', float('nan')):.3f} "
-                    f"{row.get('tokens_per_s', 0):.0f} tok/s",
+                    f"{row.get('tokens_per_s', 0):.0f} tok/s, padding {row.get('padding_share', 0):.1%}",
                     flush=True,
                 )
 
@@ -181,6 +364,26 @@ def read_history(log_uri: str) -> list[dict[str, Any]]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def _run_fingerprint(spec: TrainSpec, prepared: PreparedData, plan: BatchPlan) -> str:
+    settings = {k: v for k, v in asdict(spec).items() if k not in ("fail_at_step", "fail_marker")}
+    plan_settings = {k: v for k, v in asdict(plan).items() if k != "lengths"}
+    blob = json.dumps({"spec": settings, "data": prepared.manifest.get("key"), "plan": plan_settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _claim_run_folder(run_path: str, fingerprint: str, label: str) -> None:
+    """Keep an unfinished run of the same configuration (Ray Train resumes it); replace anything else."""
+    state_uri = storage.join(run_path, RUN_STATE_FILE)
+    if storage.exists(run_path):
+        state = json.loads(storage.read_text(state_uri)) if storage.exists(state_uri) else {}
+        if state.get("fingerprint") == fingerprint and not state.get("finished"):
+            print(f"[{label}] resuming the unfinished run in {run_path} from its latest checkpoint", flush=True)
+            return
+        print(f"[{label}] replacing the earlier run in {run_path}", flush=True)
+        storage.delete_dir(run_path)
+    storage.write_text(state_uri, json.dumps({"fingerprint": fingerprint, "finished": False}))
+
+
 def run_train(
     cfg: ExperimentConfig,
     prepared: PreparedData,
@@ -188,29 +391,48 @@ def run_train(
     run_name: str,
     *,
     spec_overrides: dict[str, Any] | None = None,
+    length_group_steps: int = LENGTH_GROUP_STEPS,
 ) -> TrainResult:
     """One Ray Train fit of `cfg` on prepared data; returns the exported model and the curve."""
     import ray.train
+    from ray.data import DataContext
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    DataContext.get_current().execution_options.preserve_order = True
     spec = train_spec(cfg, model_dir, prepared.manifest["rows_written"])
     for key, value in (spec_overrides or {}).items():
         setattr(spec, key, value)
+    keys = read_row_keys(prepared)
+    plan = BatchPlan(keys.lengths, spec.micro_batch_size, spec.gradient_accumulation, cfg.train.num_workers, length_group_steps, spec.seed)
+    spec.steps_per_epoch = plan.steps_per_epoch
+    data = {
+        "rows": len(keys.lengths),
+        "global_batch": plan.global_batch,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "padding_share_planned": plan.padding_share(grouped=True),
+        "padding_share_ungrouped": plan.padding_share(grouped=False),
+    }
+    print(
+        f"[{run_name}] data plan: {data['rows']} rows, global batch {plan.global_batch}, {plan.steps_per_epoch} steps/epoch; "
+        f"padding {data['padding_share_planned']:.1%} grouped by length (vs {data['padding_share_ungrouped']:.1%} in data order)",
+        flush=True,
+    )
+
     storage_path = storage.absolute(cfg.storage.path)
     run_path = storage.join(storage_path, "runs", run_name)
     log_uri = storage.join(run_path, "metrics.jsonl")
+    _claim_run_folder(run_path, _run_fingerprint(spec, prepared, plan), run_name)
     worker_cpus = cpus_per_worker(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu)
     data_cpus = 0.25 if not cfg.train.use_gpu else 1.0
     fs, fs_path = storage.filesystem(storage.join(storage_path, "runs"))
-    dataset = training_dataset(prepared, model_dir, cfg.data.image_root, data_cpus)
     spare = cluster_cpus() - worker_cpus * cfg.train.num_workers
-    if cfg.train.ingest == "materialize" or (cfg.train.ingest == "auto" and spare < 1.0):
-        # Too few CPUs beside the workers for Ray Data's read tasks: load everything first.
-        dataset = dataset.materialize()
+    # Too few CPUs beside the workers for Ray Data's read tasks: load everything first.
+    materialize = cfg.train.ingest == "materialize" or (cfg.train.ingest == "auto" and spare < 1.0)
+    datasets = rank_datasets(prepared, keys, plan, model_dir, cfg.data.image_root, data_cpus, materialize)
 
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"spec": asdict(spec)},
+        train_loop_config={"spec": asdict(spec), "plan": plan.to_config()},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -225,7 +447,8 @@ def run_train(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_logger(log_uri, spec.total_steps, run_name)],
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -236,13 +459,15 @@ def run_train(
     if export_dir.exists():
         shutil.rmtree(export_dir)
     result.checkpoint.to_directory(str(export_dir))
-    local_model = export_dir / MODEL_SUBDIR
+    state_uri = storage.join(run_path, RUN_STATE_FILE)
+    storage.write_text(state_uri, json.dumps({**json.loads(storage.read_text(state_uri)), "finished": True}))
     history = read_history(log_uri)
     return TrainResult(
         run_name=run_name,
         run_path=run_path,
-        model_dir=str(local_model),
+        model_dir=str(export_dir / MODEL_SUBDIR),
         history=history,
         final_metrics=dict(result.metrics or {}),
         spec=spec,
+        data=data,
     )

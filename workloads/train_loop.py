@@ -8,10 +8,20 @@ optimizer, on CPU with gloo or on GPU with NCCL.
 Loss normalization (DESIGN.md): each optimizer step first gathers its
 `gradient_accumulation` micro-batches, counts the trained tokens in all of
 them and all-reduces that count over ranks, so every micro-batch's loss is
-Σ w·nll / N with the step's global N. DeepSpeed averages gradients over
-data-parallel ranks and would divide by the accumulation steps again, so the
-backward pass undoes both: the step's gradient is then ∇(Σ w·nll / N) over
-the whole global batch, however it was split.
+Σ w·nll / N with the step's global N. Every ZeRO stage of DeepSpeed averages
+gradients over the data-parallel ranks (stage 0 `allreduce_bucket`, stage 1/2
+`average_tensor`, stage 3 `__avg_scatter_grads` all divide by the DP world
+size) and `backward` would divide by the accumulation steps as well, so the
+backward pass undoes both (`loss * world_size`, `scale_wrt_gas=False`): the
+step's gradient is then ∇(Σ w·nll / N) over the whole global batch, however
+it was split. tests/test_train_ray.py checks it across Ray Train layouts.
+
+Reported per step (rank 0's view of all-reduced values): loss,
+loss_instruction, loss_response, tokens_instruction, tokens_response,
+trained_tokens, grad_norm, lr, tokens_per_s, samples_per_s, step_time_s,
+padding_share (and padding_share_run since start), mfu on GPU. Step time is
+wall clock from the end of one step to the end of the next, so waiting for
+data and reporting count.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -32,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from workloads.loss import count_trained_tokens, l2t_loss
-from workloads.model import apply_freeze_policy, load_model, load_processor, torch_dtype
+from workloads.model import TrainingFlops, apply_freeze_policy, load_model, load_processor, mfu, torch_dtype
 from workloads.segments import Segment, token_weights
 
 MODEL_SUBDIR = "model"
@@ -67,6 +78,8 @@ class TrainSpec:
     checkpoint_every: int = 0
     log_every: int = 1
     export_model: bool = True
+    torch_threads: int | None = None
+    """torch intra-op threads per worker (None: torch's default)."""
     fail_at_step: int | None = None
     """Test hook: raise in rank 0 after this step, once (a file marks it done)."""
     fail_marker: str | None = None
@@ -74,6 +87,8 @@ class TrainSpec:
 
 def ensure_process_group(use_gpu: bool) -> tuple[int, int]:
     """(rank, world size); starts a one-process group when none exists (a bare process)."""
+    if use_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -149,21 +164,18 @@ def _steps_of(micro_batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
             group = []
 
 
-def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
-    packed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks, in place (no host sync)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed)
-    return packed.tolist()
+        dist.all_reduce(values)
+    return values
 
 
-def _load_resume_state(resume_dir: str | None) -> tuple[int, str | None]:
-    if not resume_dir:
-        return 0, None
-    state_path = Path(resume_dir) / STATE_FILE
-    if not state_path.exists():
-        return 0, None
-    state = json.loads(state_path.read_text())
-    return int(state["step"]), str(Path(resume_dir) / DEEPSPEED_SUBDIR)
+def _read_state(resume_dir: str | None) -> dict[str, Any]:
+    """What a checkpoint folder says about itself: {"step": k} (DeepSpeed state beside it) or the final export."""
+    if not resume_dir or not (Path(resume_dir) / STATE_FILE).exists():
+        return {"step": 0}
+    return json.loads((Path(resume_dir) / STATE_FILE).read_text())
 
 
 def run_training(
@@ -182,7 +194,12 @@ def run_training(
     import deepspeed
 
     rank, world_size = ensure_process_group(spec.use_gpu)
+    state = _read_state(resume_dir)
+    if state.get("final"):  # restarted after the export was reported: hand the same export back
+        return _report_final_again(state, resume_dir, rank, report)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if spec.use_gpu else "cpu")
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(spec.seed)
 
     dtype = torch_dtype(spec.dtype, spec.use_gpu)
@@ -191,11 +208,11 @@ def run_training(
         dtype=dtype,
         attn_implementation=spec.attn_implementation,
         gradient_checkpointing=spec.gradient_checkpointing,
+        use_gpu=spec.use_gpu,
     )
-    counts = apply_freeze_policy(model, spec.freeze)
-    pad_token_id = model.config.text_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = 0
+    apply_freeze_policy(model, spec.freeze)
+    flops = TrainingFlops.of(model)
+    pad_token_id = model.config.get_text_config().pad_token_id or 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     warmup = int(round(spec.warmup_ratio * spec.total_steps))
@@ -208,15 +225,17 @@ def run_training(
         dist_init_required=False,
     )
 
-    step, deepspeed_dir = _load_resume_state(resume_dir)
-    if deepspeed_dir:
-        engine.load_checkpoint(deepspeed_dir, tag=f"step{step}")
+    step = int(state["step"])
+    if step:
+        engine.load_checkpoint(str(Path(resume_dir) / DEEPSPEED_SUBDIR), tag=f"step{step}")
 
     gas = spec.gradient_accumulation
     metrics: dict[str, float] = {}
-    parameters = counts.total
+    run_positions = run_tokens = 0.0
+    device_name = torch.cuda.get_device_name() if spec.use_gpu else "cpu"
     # A resumed run re-reads its epoch from the start and skips what the checkpoint already trained on.
     epoch, steps_this_epoch = divmod(step, spec.steps_per_epoch)
+    tick = time.perf_counter()
 
     while step < spec.total_steps:
         iterator = iter(epoch_batches(epoch))
@@ -225,41 +244,48 @@ def run_training(
         for group in _steps_of(iterator, gas):
             if step >= spec.total_steps or steps_this_epoch >= spec.steps_per_epoch:
                 continue  # drain the epoch so every rank leaves it together
-            started = time.perf_counter()
+            # 1. batch: this rank's micro-batches of the step; N = trained tokens of the whole global batch
             batches = [collate(b, pad_token_id, device) for b in group]
             weights = [
                 token_weights(b["segments"], spec.mode, spec.lambda_instruction, spec.lambda_response) for b in batches
             ]
-            (trained_tokens,) = _all_reduce_sum([sum(count_trained_tokens(w) for w in weights)], device)
+            trained_here = sum(count_trained_tokens(w) for w in weights).double()
+            trained_tokens = _all_reduce_sum(trained_here.clone())
 
-            step_loss = nll_i = tok_i = nll_r = tok_r = 0.0
-            tokens_seen = samples_seen = 0
+            tally = []  # per micro-batch: loss, nll_i, tok_i, nll_r, tok_r, tokens, Σlength², samples, positions, images
             for batch, weight in zip(batches, weights):
+                # 2. forward
                 pixel_values = batch.get("pixel_values")
                 outputs = engine(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
                     pixel_values=None if pixel_values is None else pixel_values.to(dtype),
                 )
+                # 3. λ loss: Σ w·nll / N
                 parts = l2t_loss(outputs.logits, batch["input_ids"], batch["segments"], weight, trained_tokens)
-                # Undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by the accumulation steps.
+                # 4. backward: undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by gas
                 engine.backward(parts.loss * world_size, scale_wrt_gas=False)
+                # 5. step: DeepSpeed reduces gradients and updates at the accumulation boundary
                 engine.step()
-                step_loss += parts.loss.item()
-                nll_i += parts.nll_instruction.item()
-                tok_i += parts.tokens_instruction.item()
-                nll_r += parts.nll_response.item()
-                tok_r += parts.tokens_response.item()
-                tokens_seen += int(batch["attention_mask"].sum())
-                samples_seen += batch["input_ids"].size(0)
+                lengths = batch["attention_mask"].sum(dim=1).double()
+                shape = [batch["input_ids"].size(0), batch["input_ids"].numel(), 0 if pixel_values is None else pixel_values.size(0)]
+                tally.append(torch.cat([
+                    torch.stack([t.detach().double() for t in (parts.loss, parts.nll_instruction, parts.tokens_instruction, parts.nll_response, parts.tokens_response)]),
+                    torch.stack([lengths.sum(), (lengths**2).sum()]),
+                    torch.tensor(shape, dtype=torch.float64, device=device),
+                ]))
             step += 1
             steps_this_epoch += 1
 
-            loss, nll_i, tok_i, nll_r, tok_r, tokens_seen, samples_seen = _all_reduce_sum(
-                [step_loss, nll_i, tok_i, nll_r, tok_r, tokens_seen, samples_seen], device
-            )
-            elapsed = max(time.perf_counter() - started, 1e-9)
+            # 6. report (one host sync per step)
+            summed = _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()
+            loss, nll_i, tok_i, nll_r, tok_r, tokens, length_sq, samples, positions, images = summed
+            trained_tokens, trained_here = float(trained_tokens), float(trained_here)
             grad_norm = engine.get_global_grad_norm()
+            now = time.perf_counter()
+            elapsed = max(now - tick, 1e-9)
+            run_positions += positions
+            run_tokens += tokens
             metrics = {
                 "step": step,
                 "epoch": epoch,
@@ -269,14 +295,18 @@ def run_training(
                 "tokens_instruction": tok_i,
                 "tokens_response": tok_r,
                 "trained_tokens": trained_tokens,
+                "trained_tokens_rank": trained_here,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "lr": scheduler.get_last_lr()[0] if scheduler is not None else spec.lr,
-                "tokens_per_s": tokens_seen / elapsed,
-                "samples_per_s": samples_seen / elapsed,
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed,
+                "samples_per_s": samples / elapsed,
                 "step_time_s": elapsed,
+                "padding_share": 1.0 - tokens / positions,
+                "padding_share_run": 1.0 - run_tokens / run_positions,
             }
             if spec.use_gpu:
-                metrics["mfu"] = _mfu(parameters, tokens_seen, elapsed, world_size)
+                metrics["mfu"] = mfu(flops.step(tokens, length_sq, int(images)), elapsed, world_size, device_name)
 
             checkpoint_due = spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.total_steps
             if checkpoint_due:
@@ -292,6 +322,7 @@ def run_training(
                 if not marker.exists():
                     marker.write_text(str(step))
                     raise RuntimeError(f"injected failure after step {step}")
+            tick = now  # reporting and the next step's data wait count toward the next step
         epoch += 1
         steps_this_epoch = 0
 
@@ -309,18 +340,17 @@ def _export(engine, spec: TrainSpec, rank: int, metrics: dict[str, float], repor
             target = Path(tmp) / MODEL_SUBDIR
             engine.module.save_pretrained(target, state_dict=state_dict)
             load_processor(spec.model_path).save_pretrained(target)
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": int(metrics.get("step", 0)), "final": True}))
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": int(metrics.get("step", 0)), "final": True, "metrics": metrics}))
             checkpoint_dir = tmp
         report({**metrics, "final": 1}, checkpoint_dir)
 
 
-# Peak dense bf16 FLOP/s by GPU name, for MFU.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
-
-
-def _mfu(parameters: int, tokens: float, seconds: float, world_size: int) -> float:
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
-    if not peak:
-        return float("nan")
-    return 6.0 * parameters * tokens / seconds / (peak * world_size)
+def _report_final_again(state: dict[str, Any], resume_dir: str, rank: int, report) -> dict[str, float]:
+    metrics = dict(state.get("metrics") or {"step": state["step"]})
+    with tempfile.TemporaryDirectory(prefix="l2t-export-") as tmp:
+        checkpoint_dir = None
+        if rank == 0:
+            shutil.copytree(resume_dir, tmp, dirs_exist_ok=True)
+            checkpoint_dir = tmp
+        report({**metrics, "final": 1}, checkpoint_dir)
+    return metrics

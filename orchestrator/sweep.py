@@ -1,0 +1,236 @@
+"""`l2t sweep`: Ray Tune over λ_I, λ_A and any other config key.
+
+Each trial is a Tune function that runs one Ray Train fit (Train V2: the
+trainer runs inside the trial and forwards its reports to Tune through
+`TuneReportCallback`), then evaluates the exported model. Data preparation
+and image loading happen once, on the driver, for the whole sweep.
+
+A sweep's name (and so its folder) is a hash of its config, so running the
+same command again restores the Tune experiment: finished trials are kept,
+unfinished and errored ones run again.
+
+MLflow is written by the driver only (one parent run per sweep, one child
+per trial), after trials finish: the default SQLite store does not take
+concurrent writers, and a restarted trial never logs twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.cluster import cluster_cpus
+from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict
+from orchestrator.pipeline import evaluate_model, log, prepare_inputs, with_overrides
+from orchestrator.prepare import PreparedData
+
+TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
+SWEEP_STATE = "sweep.json"
+TRIALS_DIR = "trials"
+
+
+def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """The trials of a sweep as `{dotted.key: value}` overrides, each checked against the schema."""
+    s = cfg.sweep
+    axes: dict[str, list[Any]] = {}
+    if s.lambda_instruction:
+        axes["masking.lambda_instruction"] = list(s.lambda_instruction)
+    if s.lambda_response:
+        axes["masking.lambda_response"] = list(s.lambda_response)
+    axes.update({k: list(v) for k, v in s.parameters.items()})
+    if s.search == "points":
+        points = [dict(p) for p in s.points]
+    elif not axes:
+        raise ConfigError("sweep: nothing to sweep; set sweep.lambda_instruction, sweep.lambda_response or sweep.parameters")
+    elif s.search == "random":
+        rng = random.Random(s.seed)
+        points = [{k: rng.choice(v) for k, v in axes.items()} for _ in range(s.num_samples)]
+    else:
+        points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    if not points:
+        raise ConfigError("sweep: no trials (sweep.points is empty)")
+    for i, point in enumerate(points):
+        try:
+            with_overrides(cfg, point)
+        except ConfigError as error:
+            raise ConfigError(f"sweep point {i} {point}: {error}") from None
+    return points
+
+
+def sweep_name(cfg: ExperimentConfig) -> str:
+    """Stable per config, so re-running the command resumes the same sweep."""
+    return f"{cfg.name}-sweep-{cfg.fingerprint('data', 'model', 'masking', 'train', 'sweep', 'eval')[:10]}"
+
+
+def trial_layout(cfg: ExperimentConfig, points: int) -> tuple[int, float]:
+    """(concurrent trials, CPUs per Train worker) so that concurrent trials fit the cluster."""
+    workers = cfg.train.num_workers
+    if cfg.train.use_gpu:
+        return cfg.sweep.max_concurrent_trials or points, cfg.train.cpus_per_worker or 1.0
+    cpus = cluster_cpus()
+    concurrent = cfg.sweep.max_concurrent_trials or max(1, min(points, int(cpus // (workers * 0.5))))
+    per_worker = cfg.train.cpus_per_worker or math.floor(100 * (cpus - TRIAL_CPU * concurrent) / (concurrent * workers)) / 100
+    if per_worker <= 0:
+        raise ConfigError(f"sweep: {concurrent} concurrent trials of {workers} workers do not fit {cpus:g} CPUs")
+    return concurrent, min(per_worker, 1.0)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    path: str
+    parent_run_id: str
+    trials: list[dict[str, Any]]
+
+
+def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_path: str, dataset, sweep_path: str) -> None:
+    """One Tune trial: a Ray Train fit reporting to Tune, then evaluation on the held-out questions."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.train import run_train
+
+    cfg = with_overrides(config_from_dict(cfg_json), config["point"])
+    prepared = PreparedData.load(prepared_path)
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{Path(sweep_path).name}-{trial_id}"
+    trained = run_train(cfg, prepared, model_dir, run_name, callbacks=[TuneReportCallback()], dataset=dataset)
+    samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
+    eval_metrics = evaluate_model(cfg, trained.model_dir, prepared, samples_file)
+    summary = {
+        "trial_id": trial_id,
+        "run_name": run_name,
+        "point": config["point"],
+        "model_dir": trained.model_dir,
+        "run_path": trained.run_path,
+        "eval": eval_metrics,
+        "eval_samples": samples_file,
+    }
+    storage.write_text(storage.join(sweep_path, TRIALS_DIR, f"{trial_id}.json"), json.dumps(summary, indent=2))
+    last = trained.history[-1] if trained.history else {}
+    ray.tune.report({**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **{f"eval/{k}": v for k, v in eval_metrics.items()}, "evaluated": 1})
+
+
+def run_sweep(cfg: ExperimentConfig) -> SweepResult:
+    """Run (or resume) the sweep described by `cfg.sweep`; returns the trials as logged to MLflow."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from orchestrator.tracking import check_reachable, start_parent_run, tracking_uri
+    from orchestrator.train import training_dataset
+
+    check_reachable(tracking_uri(cfg))
+    points = sweep_points(cfg)
+    name = sweep_name(cfg)
+    root = storage.join(storage.absolute(cfg.storage.path), "sweeps")
+    path = storage.join(root, name)
+    resolved, model_dir, prepared = prepare_inputs(cfg)
+    concurrent, worker_cpus = trial_layout(resolved, len(points))
+    resolved = with_overrides(resolved, {"train.cpus_per_worker": worker_cpus, "train.ingest": "materialize"})
+    log(f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {resolved.train.num_workers} workers x {worker_cpus:g} CPU each -> {path}")
+
+    state_uri = storage.join(path, SWEEP_STATE)
+    if storage.exists(state_uri):
+        state = json.loads(storage.read_text(state_uri))
+        log(f"[sweep] resuming {name} (MLflow parent run {state['parent_run_id']})")
+    else:
+        state = {"name": name, "points": points, "parent_run_id": start_parent_run(resolved, name, tags={"l2t.sweep": name})}
+        storage.write_text(state_uri, json.dumps(state, indent=2))
+
+    # Images are loaded once for every trial: the materialized blocks stay in the object store.
+    data_cpus = min(1.0, cluster_cpus())
+    dataset = training_dataset(prepared, model_dir, resolved.data.image_root, data_cpus).materialize()
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            _trial, cfg_json=resolved.model_dump(mode="json"), model_dir=model_dir, prepared_path=prepared.path, dataset=dataset, sweep_path=path
+        ),
+        {"CPU": TRIAL_CPU},
+    )
+    asha = resolved.sweep.asha
+    scheduler = (
+        ASHAScheduler(
+            metric=asha.metric,
+            mode=asha.mode,
+            grace_period=asha.grace_period,
+            reduction_factor=asha.reduction_factor,
+            max_t=max(1, -(-_total_steps(resolved, prepared) // resolved.train.log_every) + 1),
+        )
+        if asha.enabled
+        else FIFOScheduler()
+    )
+    fs, fs_root = storage.filesystem(root)
+    tune_path = storage.join(root, name)
+    if ray.tune.Tuner.can_restore(storage.filesystem(tune_path)[1] if not storage.is_s3(tune_path) else tune_path):
+        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs if storage.is_s3(tune_path) else None)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"point": ray.tune.grid_search(points)},
+            tune_config=ray.tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=fs_root,
+                storage_filesystem=fs,
+                failure_config=ray.tune.FailureConfig(max_failures=resolved.sweep.max_failures),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    trials = _log_trials(resolved, state, path, results, prepared)
+    return SweepResult(name=name, path=path, parent_run_id=state["parent_run_id"], trials=trials)
+
+
+def _total_steps(cfg: ExperimentConfig, prepared: PreparedData) -> int:
+    from orchestrator.train import train_spec
+
+    return train_spec(cfg, "unused", prepared.manifest["rows_written"]).total_steps
+
+
+def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared: PreparedData) -> list[dict[str, Any]]:
+    """One MLflow child run per trial not logged yet: evaluated trials and those ASHA stopped."""
+    import mlflow
+
+    from orchestrator.tracking import log_training_run, tracking_uri
+    from orchestrator.train import read_history
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    parent = state["parent_run_id"]
+    logged = {
+        r.data.tags.get("l2t.trial_id")
+        for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
+    }
+    trials = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        summary_uri = storage.join(path, TRIALS_DIR, f"{trial_id}.json")
+        point = (result.config or {}).get("point", {})
+        run_name = f"{Path(path).name}-{trial_id}"
+        run_path = storage.join(storage.absolute(cfg.storage.path), "runs", run_name)
+        summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else None
+        status = "completed" if summary else ("errored" if result.error else "stopped_early")
+        trial = {"trial_id": trial_id, "point": point, "status": status, "run_name": run_name, "eval": (summary or {}).get("eval", {})}
+        trials.append(trial)
+        if trial_id in logged:
+            continue
+        trial_cfg = with_overrides(cfg, point)
+        history = read_history(storage.join(run_path, "metrics.jsonl"))
+        artifacts = {"metrics": storage.join(run_path, "metrics.jsonl")}
+        if summary:
+            artifacts["eval"] = summary["eval_samples"]
+        log_training_run(
+            trial_cfg,
+            run_name=run_name,
+            history=history,
+            eval_metrics=trial["eval"],
+            params={"prepared.key": prepared.manifest["key"], "sweep.name": state["name"], "model.exported_to": (summary or {}).get("model_dir", "")},
+            artifacts=artifacts,
+            parent_run_id=parent,
+            tags={"l2t.trial_id": trial_id, "l2t.trial_status": status, "l2t.sweep": state["name"]},
+        )
+    return trials

@@ -1,0 +1,112 @@
+"""λ sweeps on a real local Ray cluster against a real `mlflow server` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import experiment_config
+
+pytestmark = pytest.mark.ray
+
+
+def _sweep_config(storage, tracking_uri, experiment, **sweep):
+    return experiment_config(
+        storage,
+        train={"max_steps": 6, "log_every": 2, "micro_batch_size": 8},
+        eval={"max_rows": 20},
+        masking={"mode": "l2t"},
+        tracking={"uri": tracking_uri, "experiment": experiment},
+        sweep={"max_concurrent_trials": 1, **sweep},
+    )
+
+
+def _children(tracking_uri, experiment):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("l2t.kind") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return parents, children
+
+
+def test_interrupted_sweep_resumes_only_missing_trials_and_compares(ray_cluster, mlflow_server, tmp_path):
+    from orchestrator.compare import compare
+    from orchestrator.sweep import TRIALS_DIR, run_sweep, sweep_name
+
+    cfg = _sweep_config(tmp_path / "store", mlflow_server, "sweep-resume", lambda_instruction=[0.0, 1.0])
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    trials_dir = Path(tmp_path / "store" / "sweeps" / sweep_name(cfg) / TRIALS_DIR)
+
+    # The driver runs in its own process (and its own Ray cluster) and is killed once one trial has finished.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", str(config_file)],
+        stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    deadline = time.time() + 420
+    while not (trials_dir.exists() and any(trials_dir.glob("*.json"))):
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    (finished,) = list(trials_dir.glob("*.json"))
+    finished_mtime = finished.stat().st_mtime_ns
+
+    result = run_sweep(cfg)
+    assert finished.stat().st_mtime_ns == finished_mtime, "the finished trial did not run again"
+    assert len(list(trials_dir.glob("*.json"))) == 2
+    assert sorted(t["point"]["masking.lambda_instruction"] for t in result.trials) == [0.0, 1.0]
+    assert all(t["status"] == "completed" for t in result.trials)
+
+    parents, children = _children(mlflow_server, "sweep-resume")
+    assert len(parents) == 1 and parents[0].info.run_id == result.parent_run_id
+    assert len(children) == 2, "one child per trial, none logged twice"
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    for child in children:
+        params = child.data.params
+        assert params["masking.mode"] == "l2t" and params["masking.lambda_instruction"] in ("0.0", "1.0")
+        assert params["prepared.key"] and params["sweep.name"] == result.name and params["train.lr"]
+        assert "eval/accuracy" in child.data.metrics and "eval/vc_mean" in child.data.metrics
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss_response")] == [2, 4, 6]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.json", "task_templates", "eval"} <= artifacts
+
+    comparison = compare(result.name, tmp_path / "compare", experiment="sweep-resume")
+    names = {Path(f).name for f in comparison.files}
+    assert {"comparison.csv", "heatmap_eval_accuracy.png", "training_curves.png"} <= names
+    assert comparison.best["eval/accuracy"] in {r["run"] for r in comparison.runs}
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "compare")}
+    assert "compare/heatmap_eval_accuracy.png" in logged
+
+
+def test_asha_stops_a_clearly_worse_trial(ray_cluster, mlflow_server, tmp_path):
+    from orchestrator.sweep import run_sweep
+
+    cfg = _sweep_config(
+        tmp_path / "store",
+        mlflow_server,
+        "sweep-asha",
+        search="points",
+        points=[{"train.lr": 3e-3}, {"train.lr": 1e-9}],
+        asha={"enabled": True, "metric": "loss_response", "grace_period": 1, "reduction_factor": 2},
+    )
+    result = run_sweep(cfg)
+    by_lr = {t["point"]["train.lr"]: t for t in result.trials}
+    assert by_lr[3e-3]["status"] == "completed"
+    assert by_lr[1e-9]["status"] == "stopped_early"
+    _, children = _children(mlflow_server, "sweep-asha")
+    assert {c.data.tags["l2t.trial_status"] for c in children} == {"completed", "stopped_early"}
