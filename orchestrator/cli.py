@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator import storage
 from orchestrator.config import ConfigError, json_schema, load_config
 
 app = typer.Typer(help="l2t: visual instruction tuning with the L2T loss on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -83,7 +84,7 @@ def train(config: Path, overrides: Overrides = None) -> None:
         _fail(str(error))
     console.print(comparison_table([result], title=result.run_name))
     console.print(f"model: {result.train.model_dir}")
-    console.print(f"MLflow run {result.mlflow_run_id} in {tracking_uri(cfg)}")
+    console.print(f"MLflow run {result.mlflow_run_id} in {storage.redact(tracking_uri(cfg))}")
 
 
 @app.command()
@@ -107,7 +108,7 @@ def sweep(config: Path, overrides: Overrides = None) -> None:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     comparison = build_comparison(result.name, Path(result.path) if not result.path.startswith("s3://") else Path("l2t_compare") / result.name, metrics=[cfg.sweep.metric, *_default_metrics()], experiment=cfg.tracking.experiment)
     console.print(table(comparison))
-    console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {tracking_uri(cfg)}")
+    console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {storage.redact(tracking_uri(cfg))}")
 
 
 def _default_metrics() -> list[str]:

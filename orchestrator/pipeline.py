@@ -191,6 +191,27 @@ def evaluate_model(cfg: ExperimentConfig, model_dir: str, prepared: PreparedData
     return metrics
 
 
+def mask_example_html(cfg: ExperimentConfig, prepared: PreparedData, model_dir: str, out_uri: str, rows: int = 3) -> str:
+    """A standalone HTML page of the first prepared rows, colored by segment, with this run's weights."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    from transformers import AutoTokenizer
+
+    from workloads.mask_inspect import inspect_rows, to_html
+    from workloads.segments import EncodedRow
+
+    fs, path = storage.filesystem(prepared.shards)
+    table = pads.dataset(path, filesystem=fs, format="parquet").head(rows, columns=["id", "input_ids", "segments"])
+    encoded = [
+        (r["id"], EncodedRow(np.asarray(r["input_ids"], np.int32), np.asarray(r["segments"], np.int8), False, 0))
+        for r in table.to_pylist()
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    m = cfg.masking
+    storage.write_text(out_uri, to_html(inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response)))
+    return out_uri
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     m = cfg.masking
     return f"{cfg.name}-{m.mode}-li{m.lambda_instruction:g}-la{m.lambda_response:g}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -230,13 +251,19 @@ def run_experiment(
     log(f"[eval] {run_name}: held-out questions")
     samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
     eval_metrics = evaluate_model(resolved, trained.model_dir, prepared, samples_file)
+    mask_page = mask_example_html(resolved, prepared, model_dir, storage.join(trained.run_path, "mask_example.html"))
     run_id = log_training_run(
         resolved,
         run_name=run_name,
         history=trained.history,
         eval_metrics=eval_metrics,
         params={"prepared.key": prepared.manifest["key"], "prepared.path": prepared.path, "model.exported_to": trained.model_dir},
-        artifacts={"task_templates": prepared.task_templates_file, "eval": samples_file, "metrics": storage.join(trained.run_path, "metrics.jsonl")},
+        artifacts={
+            "task_templates": prepared.task_templates_file,
+            "eval": samples_file,
+            "metrics": storage.join(trained.run_path, "metrics.jsonl"),
+            "mask_example": mask_page,
+        },
         parent_run_id=parent_run_id,
     )
     return ExperimentResult(

@@ -3,7 +3,9 @@
 Ray Data and Ray Train already speak pyarrow filesystems, so every file l2t
 writes itself (manifests, template lists, metric logs) goes the same way.
 Credentials come only from the standard AWS chain (environment, profile,
-instance role); `AWS_ENDPOINT_URL` points at an S3-compatible endpoint.
+instance role); `AWS_ENDPOINT_URL` points at an S3-compatible endpoint. A
+filesystem object made here carries the endpoint (and keys taken from the
+environment) to the Ray workers it is pickled to.
 """
 
 from __future__ import annotations
@@ -32,19 +34,37 @@ def join(uri: str, *parts: str) -> str:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    """(filesystem, path inside it) for a local path or an s3:// URI.
+
+    The S3 filesystem is configured from this process's environment
+    (`AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`, and the key pair when it is set
+    there) and carries that configuration when pickled: Ray workers that get
+    it (Ray Data reads and writes, validation tasks) reach the same endpoint
+    with the same credentials even when their own environment lacks them.
+    Without keys in the environment each process uses the standard AWS chain
+    (profile, instance role).
+    """
     if is_s3(uri):
         bucket_and_key = uri[len("s3://") :]
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), bucket_and_key.rstrip("/")
+        return pafs.S3FileSystem(**_s3_options()), bucket_and_key.rstrip("/")
     return pafs.LocalFileSystem(), absolute(uri)
+
+
+def _s3_options() -> dict:
+    kwargs: dict = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs = {"endpoint_override": host.rstrip("/") or scheme, "scheme": scheme if host else "https"}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    access_key, secret_key = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if access_key and secret_key:
+        kwargs["access_key"], kwargs["secret_key"] = access_key, secret_key
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return kwargs
 
 
 def exists(uri: str) -> bool:

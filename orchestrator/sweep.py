@@ -27,7 +27,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.cluster import cluster_cpus
 from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict
-from orchestrator.pipeline import evaluate_model, log, prepare_inputs, with_overrides
+from orchestrator.pipeline import evaluate_model, log, mask_example_html, prepare_inputs, with_overrides
 from orchestrator.prepare import PreparedData
 
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
@@ -103,6 +103,7 @@ def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_p
     trained = run_train(cfg, prepared, model_dir, run_name, callbacks=[TuneReportCallback()], dataset=dataset)
     samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
     eval_metrics = evaluate_model(cfg, trained.model_dir, prepared, samples_file)
+    mask_example_html(cfg, prepared, model_dir, storage.join(trained.run_path, "mask_example.html"))
     summary = {
         "trial_id": trial_id,
         "run_name": run_name,
@@ -220,7 +221,11 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
             continue
         trial_cfg = with_overrides(cfg, point)
         history = read_history(storage.join(run_path, "metrics.jsonl"))
-        artifacts = {"metrics": storage.join(run_path, "metrics.jsonl")}
+        artifacts = {
+            "metrics": storage.join(run_path, "metrics.jsonl"),
+            "task_templates": prepared.task_templates_file,
+            "mask_example": storage.join(run_path, "mask_example.html"),
+        }
         if summary:
             artifacts["eval"] = summary["eval_samples"]
         log_training_run(

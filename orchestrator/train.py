@@ -1,7 +1,7 @@
 """Ray Train launch: prepared shards stream through Ray Data into DeepSpeed workers.
 
 Data order is planned, not left to chance. The driver reads each prepared
-row's length and identity (`row_hash`: its file and position) and makes a
+row's length (rows are numbered by shard file, then position) and makes a
 `BatchPlan`: which rows form each optimizer step, and which rank reads which
 micro-batch of it. Global batches depend only on the data, the global batch
 size and the seed, not on how a step is split into workers × accumulation ×
@@ -10,12 +10,12 @@ worker group reads exactly the rows it read before. Within windows of a few
 steps rows are grouped by length, so micro-batches hold rows of similar
 length and carry little padding (`padding_share` per step and for the run).
 
-Ray Data reads the shards and, per rank, keeps only that rank's rows and
-loads their images with the model's image processor on CPU; each Train worker
-reads its own dataset through `get_dataset_shard` and puts its micro-batches
-in plan order before `workloads.train_loop.run_training` sees them. On a
-cluster with no CPU to spare beside the workers the datasets are materialized
-before the fit (`train.ingest`).
+Ray Data reads the shards' row groups and, per rank, keeps only that rank's
+rows and loads their images with the model's image processor on CPU; each
+Train worker reads its own dataset through `get_dataset_shard` and puts its
+micro-batches in plan order before `workloads.train_loop.run_training` sees
+them. On a cluster with no CPU to spare beside the workers the datasets are
+materialized before the fit (`train.ingest`).
 
 Per-step metrics are appended to `metrics.jsonl` beside the run by a
 controller-side callback, so the curve survives worker restarts; the final
@@ -51,6 +51,10 @@ from workloads.train_loop import MODEL_SUBDIR, TrainSpec
 RUN_STATE_FILE = "l2t_run.json"
 LENGTH_GROUP_STEPS = 8
 """Global batches per length-grouping window (rows are sorted by length within it)."""
+READ_CHUNK_ROWS = 128
+"""Rows per Ray Data read unit (a slice of a Parquet row group)."""
+LIGHT_TASK_CPUS = 0.05
+"""CPU share of Ray Data tasks that only select rows."""
 
 
 @dataclass
@@ -144,41 +148,59 @@ class BatchPlan:
 
 
 @dataclass
-class RowKeys:
-    """Prepared rows in order: `row_hash` (Ray Data's identity of file + position) and length."""
+class PreparedRows:
+    """The prepared rows in order (shard files by name, then position): lengths and where each row group starts."""
 
-    hashes: np.ndarray
     lengths: np.ndarray
-
-    def lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted hashes, row number of each) for `np.searchsorted`."""
-        by_hash = np.argsort(self.hashes)
-        return self.hashes[by_hash], by_hash.astype(np.int64)
+    chunks: list[dict[str, Any]]
+    """{"path", "row_group", "start", "stop", "first_row"}: slices of Parquet row groups, the units Ray Data reads."""
 
 
-def read_row_keys(prepared: PreparedData) -> RowKeys:
-    """Every prepared row's identity and length, numbered by shard file (sorted) and position in it."""
-    import ray.data
+def read_prepared_rows(prepared: PreparedData) -> PreparedRows:
+    """Row lengths and row-group layout of the shards, read in this process (one int column; no Ray tasks,
+    so it works beside Train workers that hold every CPU)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
-    fs, path = storage.filesystem(prepared.shards)
-    table = ray.data.read_parquet(path, filesystem=fs, columns=["length"], include_paths=True, include_row_hash=True).to_pandas()
-    # Within a file the read keeps row order; sorting files by name fixes the order whatever Ray's.
-    table = table.sort_values("path", kind="stable")
-    hashes = table["row_hash"].to_numpy(dtype=np.uint64)
-    if len(np.unique(hashes)) != len(hashes):
-        raise RuntimeError(f"{prepared.shards}: Ray Data's row_hash is not unique; can't plan the data order")
-    return RowKeys(hashes=hashes, lengths=table["length"].to_numpy(dtype=np.int64))
+    fs, root = storage.filesystem(prepared.shards)
+    files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if info.path.endswith(".parquet"))
+    lengths, chunks, first = [], [], 0
+    for path in files:
+        with fs.open_input_file(path) as handle:
+            reader = pq.ParquetFile(handle)
+            for index in range(reader.num_row_groups):
+                column = reader.read_row_group(index, columns=["length"]).column("length").to_numpy()
+                for start in range(0, len(column), READ_CHUNK_ROWS):
+                    stop = min(start + READ_CHUNK_ROWS, len(column))
+                    chunks.append({"path": path, "row_group": index, "start": start, "stop": stop, "first_row": first + start})
+                lengths.append(column)
+                first += len(column)
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards in {prepared.shards}")
+    return PreparedRows(lengths=np.concatenate(lengths).astype(np.int64), chunks=chunks)
 
 
-class LoadRankRows:
-    """Ray Data stage: keep one rank's rows (by plan), load their images with the model's image processor."""
+class LoadRows:
+    """Ray Data stage: slices of Parquet row groups -> rows with their `row` number, tokens and `pixel_values`
+    (the model's image processor); with `owner` and `rank`, only that rank's rows, kept before any image is opened."""
 
-    def __init__(self, model_dir: str, image_root: str | None, sorted_hashes: np.ndarray, rows: np.ndarray, owner: np.ndarray, rank: int):
+    def __init__(self, model_dir: str, shards: str, image_root: str | None, owner: np.ndarray | None = None, rank: int | None = None):
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
+        self.fs, _ = storage.filesystem(shards)
         self.image_root = image_root
-        self.sorted_hashes, self.rows, self.owner, self.rank = sorted_hashes, rows, owner, rank
+        self.owner, self.rank = owner, rank
+        self._group: tuple[Any, dict[str, list]] | None = None  # the last row group read (its slices come in a row)
+
+    def _columns(self, path: str, index: int) -> dict[str, list]:
+        import pyarrow.parquet as pq
+
+        if self._group is None or self._group[0] != (path, index):
+            with self.fs.open_input_file(path) as handle:
+                table = pq.ParquetFile(handle).read_row_group(index, columns=["input_ids", "segments", "images"])
+            self._group = ((path, index), {name: table.column(name).to_pylist() for name in table.column_names})
+        return self._group[1]
 
     def _open(self, image: str):
         from PIL import Image
@@ -190,53 +212,71 @@ class LoadRankRows:
         with Image.open(Path(self.image_root or ".", image)) as img:
             return img.convert("RGB")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        hashes = np.asarray(batch["row_hash"], dtype=np.uint64)
-        at = np.minimum(np.searchsorted(self.sorted_hashes, hashes), len(self.sorted_hashes) - 1)
-        if not np.array_equal(self.sorted_hashes[at], hashes):
-            raise RuntimeError("the prepared shards changed since the data plan was made")
-        rows = self.rows[at]
-        mine = np.flatnonzero(self.owner[rows] == self.rank)
-        per_row = [list(batch["images"][i]) for i in mine]
-        flat = [self._open(str(p)) for images in per_row for p in images]
-        pixels = self.processor(images=flat, return_tensors="np")["pixel_values"] if flat else None
-        out, cursor = [], 0
-        for images in per_row:
-            out.append(pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32))
-            cursor += len(images)
-        return {
-            "row": rows[mine],
-            "input_ids": [batch["input_ids"][i] for i in mine],
-            "segments": [batch["segments"][i] for i in mine],
-            "pixel_values": out,
-        }
+    def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": []}
+        for path, index, start, stop, first in zip(chunks["path"], chunks["row_group"], chunks["start"], chunks["stop"], chunks["first_row"]):
+            columns = self._columns(str(path), int(index))
+            rows = int(first) + np.arange(int(stop) - int(start))
+            keep = np.arange(len(rows)) if self.rank is None else np.flatnonzero(self.owner[rows] == self.rank)
+            per_row = [columns["images"][int(start) + i] for i in keep]
+            flat = [self._open(str(p)) for images in per_row for p in images]
+            pixels = self.processor(images=flat, return_tensors="np")["pixel_values"] if flat else None
+            cursor = 0
+            for i, images in zip(keep, per_row):
+                out["row"].append(int(rows[i]))
+                out["input_ids"].append(np.asarray(columns["input_ids"][int(start) + i], dtype=np.int32))
+                out["segments"].append(np.asarray(columns["segments"][int(start) + i], dtype=np.int8))
+                out["pixel_values"].append(pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32))
+                cursor += len(images)
+        return out
 
 
-def rank_datasets(prepared: PreparedData, keys: RowKeys, plan: BatchPlan, model_dir: str, image_root: str | None, data_cpus: float, materialize: bool):
-    """One Ray Dataset per rank with exactly that rank's rows (any order) and their pixel values."""
+def training_dataset(
+    prepared: PreparedData,
+    model_dir: str,
+    image_root: str | None,
+    data_cpus: float,
+    *,
+    rows: PreparedRows | None = None,
+    owner: np.ndarray | None = None,
+    rank: int | None = None,
+):
+    """Prepared rows with their `row` number and pixel values (all rows, or one rank's by `owner`).
+
+    Materialized once, a dataset of all rows serves several fits (a sweep's
+    trials): `run_train(..., dataset=...)` then only selects each rank's rows.
+    """
     import ray.data
 
-    fs, path = storage.filesystem(prepared.shards)
-    sorted_hashes, rows = keys.lookup()
+    rows = rows or read_prepared_rows(prepared)
+    return ray.data.from_items(rows.chunks).map_batches(
+        LoadRows,
+        fn_constructor_kwargs={"model_dir": model_dir, "shards": prepared.shards, "image_root": image_root, "owner": owner, "rank": rank},
+        batch_size=1,
+        num_cpus=data_cpus,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+
+
+def _select_rank(batch: dict[str, np.ndarray], owner: np.ndarray, rank: int) -> dict[str, Any]:
+    keep = np.flatnonzero(owner[np.asarray(batch["row"], dtype=np.int64)] == rank)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def rank_datasets(plan: BatchPlan, make_dataset, shared=None) -> dict[str, Any]:
+    """One Ray Dataset per rank holding exactly that rank's rows (in any order), pixel values loaded.
+
+    From `shared` (all rows, images loaded) by selecting rows; else `make_dataset(owner, rank)`
+    reads the shards and loads only that rank's images.
+    """
     owner = plan.rank_of_rows()
     datasets = {}
     for rank in range(plan.world_size):
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=["input_ids", "segments", "images"], include_row_hash=True, num_cpus=data_cpus)
-        ds = ds.map_batches(
-            LoadRankRows,
-            fn_constructor_kwargs={
-                "model_dir": model_dir,
-                "image_root": image_root,
-                "sorted_hashes": sorted_hashes,
-                "rows": rows,
-                "owner": owner,
-                "rank": rank,
-            },
-            batch_size=64,
-            num_cpus=data_cpus,
-            concurrency=1,
-        )
-        datasets[dataset_name(rank)] = ds.materialize() if materialize else ds
+        if shared is not None:
+            ds = shared.map_batches(_select_rank, fn_kwargs={"owner": owner, "rank": rank}, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+        else:
+            ds = make_dataset(owner, rank)
+        datasets[dataset_name(rank)] = ds
     return datasets
 
 
@@ -391,9 +431,15 @@ def run_train(
     run_name: str,
     *,
     spec_overrides: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    dataset=None,
     length_group_steps: int = LENGTH_GROUP_STEPS,
 ) -> TrainResult:
-    """One Ray Train fit of `cfg` on prepared data; returns the exported model and the curve."""
+    """One Ray Train fit of `cfg` on prepared data; returns the exported model and the curve.
+
+    `callbacks`: more Ray Train `UserCallback`s (e.g. Tune's report callback).
+    `dataset`: a `training_dataset` of all rows, already materialized, shared by several fits.
+    """
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -402,11 +448,11 @@ def run_train(
     spec = train_spec(cfg, model_dir, prepared.manifest["rows_written"])
     for key, value in (spec_overrides or {}).items():
         setattr(spec, key, value)
-    keys = read_row_keys(prepared)
-    plan = BatchPlan(keys.lengths, spec.micro_batch_size, spec.gradient_accumulation, cfg.train.num_workers, length_group_steps, spec.seed)
+    rows = read_prepared_rows(prepared)
+    plan = BatchPlan(rows.lengths, spec.micro_batch_size, spec.gradient_accumulation, cfg.train.num_workers, length_group_steps, spec.seed)
     spec.steps_per_epoch = plan.steps_per_epoch
     data = {
-        "rows": len(keys.lengths),
+        "rows": len(rows.lengths),
         "global_batch": plan.global_batch,
         "steps_per_epoch": plan.steps_per_epoch,
         "padding_share_planned": plan.padding_share(grouped=True),
@@ -428,7 +474,12 @@ def run_train(
     spare = cluster_cpus() - worker_cpus * cfg.train.num_workers
     # Too few CPUs beside the workers for Ray Data's read tasks: load everything first.
     materialize = cfg.train.ingest == "materialize" or (cfg.train.ingest == "auto" and spare < 1.0)
-    datasets = rank_datasets(prepared, keys, plan, model_dir, cfg.data.image_root, data_cpus, materialize)
+
+    def make_dataset(owner: np.ndarray, rank: int):
+        ds = training_dataset(prepared, model_dir, cfg.data.image_root, data_cpus, rows=rows, owner=owner, rank=rank)
+        return ds.materialize() if materialize else ds
+
+    datasets = rank_datasets(plan, make_dataset, shared=dataset)
 
     trainer = TorchTrainer(
         _worker_entry,
@@ -445,7 +496,7 @@ def run_train(
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[_metrics_logger(log_uri, spec.total_steps, run_name)],
+            callbacks=[_metrics_logger(log_uri, spec.total_steps, run_name), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

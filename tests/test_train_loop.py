@@ -55,6 +55,7 @@ def _train(tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, **over
         gradient_accumulation=1,
         deepspeed_config={"zero_optimization": {"stage": 2}},
         log_every=1,
+        torch_threads=1,  # steadier on a shared machine
     )
     settings.update(overrides)
     spec = TrainSpec(**settings)
@@ -126,3 +127,181 @@ def test_checkpoint_resume_replays_the_same_steps(micro_rows, tiny_model_dir, tm
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5)
         assert resumed[step]["epoch"] == full[step]["epoch"]
+
+
+def test_lambda_instruction_zero_gives_exactly_the_response_only_update(micro_rows, tiny_model_dir, tmp_path):
+    """Real DeepSpeed: l2t with λ_I = 0 and response-only VIT take bit-identical steps."""
+    from transformers import AutoModelForImageTextToText
+
+    settings = dict(total_steps=2, micro_batch_size=8, gradient_accumulation=2, lambda_response=1.0)
+    l2t = _train(tiny_model_dir, micro_rows, tmp_path / "l2t", mode="l2t", lambda_instruction=0.0, **settings)
+    vit = _train(tiny_model_dir, micro_rows, tmp_path / "vit", mode="response", **settings)
+    for (a, _), (b, _) in zip(l2t, vit):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["trained_tokens"] == b["trained_tokens"]
+        assert a["loss_instruction"] == b["loss_instruction"]  # reported whatever the weight
+    one = AutoModelForImageTextToText.from_pretrained(l2t[-1][1] / MODEL_SUBDIR).state_dict()
+    two = AutoModelForImageTextToText.from_pretrained(vit[-1][1] / MODEL_SUBDIR).state_dict()
+    initial = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(one[k], initial[k]) for k in one)
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+
+@pytest.mark.parametrize("mode", ["response", "l2t_no_template", "l2t"])
+def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_model_dir, mode):
+    from workloads.loss import count_trained_tokens, l2t_loss
+    from workloads.model import load_model
+    from workloads.segments import token_weights
+    from workloads.train_loop import collate
+
+    model = load_model(tiny_model_dir)
+    batch = collate({k: [r[k] for r in micro_rows[:4]] for k in micro_rows[0]}, 0, torch.device("cpu"))
+    weights = token_weights(batch["segments"], mode, 0.7, 1.3)
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    logits = outputs.logits
+    logits.retain_grad()
+    l2t_loss(logits, batch["input_ids"], batch["segments"], weights, count_trained_tokens(weights)).loss.backward()
+    # logits[:, t] predict token t+1: exactly zero gradient where weight[t+1] == 0 (image, pad, masked template tokens).
+    untrained = weights[:, 1:] == 0
+    grad = logits.grad[:, :-1]
+    assert untrained.any() and (~untrained).any()
+    assert torch.all(grad[untrained] == 0)
+    assert torch.all(grad[~untrained].abs().sum(-1) > 0)
+
+
+# ---------------------------------------------------------------- the data plan (orchestrator/train.py, no Ray)
+
+
+def _plan(lengths, micro, gas, world, **kw):
+    from orchestrator.train import BatchPlan
+
+    return BatchPlan(np.asarray(lengths), micro, gas, world, **kw)
+
+
+def test_plan_gives_every_layout_the_same_global_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 200, size=203)
+    layouts = [(16, 1, 1), (4, 4, 1), (4, 2, 2), (8, 1, 2), (2, 2, 4), (1, 4, 4)]
+    reference = _plan(lengths, *layouts[0], group_steps=3, seed=7)
+    assert reference.steps_per_epoch == 203 // 16
+    for epoch in (0, 1):
+        want = [set(step) for step in reference.steps(epoch)]
+        for micro, gas, world in layouts[1:]:
+            plan = _plan(lengths, micro, gas, world, group_steps=3, seed=7)
+            batches = plan.micro_batches(epoch)
+            assert [set(step.reshape(-1)) for step in batches] == want, (micro, gas, world)
+            owner = plan.rank_of_rows()
+            for rank in range(world):
+                order = plan.order(rank, epoch)
+                assert list(order) == list(batches[:, :, rank, :].reshape(-1))
+                assert np.all(owner[order] == rank)
+            assert np.sum(owner >= 0) == plan.steps_per_epoch * plan.global_batch
+    # Another epoch visits the same global batches in another order; another seed too.
+    assert [set(s) for s in reference.steps(0)] != [set(s) for s in reference.steps(1)]
+    assert sorted(map(sorted, reference.steps(0).tolist())) == sorted(map(sorted, reference.steps(1).tolist()))
+
+
+def test_length_grouping_cuts_padding_and_keeps_micro_batches_unequal():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(20, 300, size=512)
+    plan = _plan(lengths, 4, 2, 2, group_steps=8)
+    assert plan.padding_share(grouped=True) < 0.5 * plan.padding_share(grouped=False)
+    trained = lengths[plan.micro_batches(0)].sum(axis=-1)  # [steps, accumulation, rank]
+    assert (trained.max(axis=(1, 2)) > trained.min(axis=(1, 2))).all()
+
+
+def test_ordered_micro_batches_follow_the_plan_whatever_the_arrival_order():
+    from orchestrator.train import ordered_micro_batches
+
+    order = np.array([5, 1, 4, 0, 3, 2])
+    arrival = [{"row": np.array(chunk), "input_ids": [np.array([r]) for r in chunk], "segments": [np.array([r]) for r in chunk], "pixel_values": [None] * len(chunk)} for chunk in ([0, 1], [2, 3, 4], [5])]
+    batches = list(ordered_micro_batches(iter(arrival), order, 2))
+    assert [[int(x[0]) for x in b["input_ids"]] for b in batches] == [[5, 1], [4, 0], [3, 2]]
+    with pytest.raises(RuntimeError, match="ended 6 planned rows early"):
+        list(ordered_micro_batches(iter(arrival[:2]), order, 2))
+
+
+def test_load_rows_reads_the_planned_rows_with_their_images(synthetic_data, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.prepare import PreparedData
+    from orchestrator.train import LoadRows, read_prepared_rows
+
+    images = [json.loads(line)["image"] for line in Path(synthetic_data.train_file).read_text().splitlines()[:300]]
+    shards = tmp_path / "prepared" / "shards"
+    shards.mkdir(parents=True)
+    for part, (lo, hi) in enumerate([(0, 250), (250, 300)]):
+        table = pa.table({
+            "input_ids": [list(range(i % 9 + 1)) for i in range(lo, hi)],
+            "segments": [[3] * (i % 9 + 1) for i in range(lo, hi)],
+            "images": [[images[i]] for i in range(lo, hi)],
+            "length": [i % 9 + 1 for i in range(lo, hi)],
+        })
+        pq.write_table(table, shards / f"part-{part}.parquet", row_group_size=100)
+    rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
+    assert len(rows.lengths) == 300 and rows.lengths[7] == 8
+    assert [c["first_row"] for c in rows.chunks] == [0, 100, 200, 250]
+    owner = np.arange(300) % 3
+    load = LoadRows(tiny_model_dir, str(shards), str(synthetic_data.image_root), owner=owner, rank=1)
+    chunks = rows.chunks[1:3]
+    out = load({k: np.array([c[k] for c in chunks]) for k in chunks[0]})
+    assert out["row"] == [r for r in range(100, 250) if r % 3 == 1]
+    for row, ids, pixels in zip(out["row"], out["input_ids"], out["pixel_values"]):
+        assert list(ids) == list(range(row % 9 + 1)) and pixels.shape == (1, 3, 32, 32)
+
+
+def test_a_run_folder_is_resumed_only_by_the_same_unfinished_configuration(tmp_path, capsys):
+    from orchestrator.train import RUN_STATE_FILE, _claim_run_folder
+
+    run = tmp_path / "runs" / "r"
+    _claim_run_folder(str(run), "aaa", "r")
+    (run / "checkpoint_000001").mkdir()
+    _claim_run_folder(str(run), "aaa", "r")  # same configuration, unfinished: Ray Train resumes it
+    assert (run / "checkpoint_000001").exists() and "resuming" in capsys.readouterr().out
+    _claim_run_folder(str(run), "bbb", "r")  # another configuration: a fresh run
+    assert not (run / "checkpoint_000001").exists() and "replacing" in capsys.readouterr().out
+    (run / "checkpoint_000002").mkdir()
+    (run / RUN_STATE_FILE).write_text(json.dumps({"fingerprint": "bbb", "finished": True}))
+    _claim_run_folder(str(run), "bbb", "r")  # finished: a re-run trains again
+    assert not (run / "checkpoint_000002").exists()
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(micro_rows, tiny_model_dir, tmp_path_factory):
+    return _train(tiny_model_dir, micro_rows, tmp_path_factory.mktemp("zero2"), gradient_accumulation=2, deepspeed_config=_deepspeed_json("zero2"))
+
+
+def _deepspeed_json(name):
+    from orchestrator.train import load_deepspeed_config
+
+    return load_deepspeed_config(f"configs/deepspeed/{name}.json")
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero3"])
+def test_zero_stages_take_the_same_steps_and_export_the_same_model(zero2_reference, micro_rows, tiny_model_dir, tmp_path, stage):
+    """The shipped DeepSpeed configs: ZeRO-0 and ZeRO-3 (consolidated 16-bit export) match ZeRO-2."""
+    from transformers import AutoModelForImageTextToText
+
+    reports = _train(tiny_model_dir, micro_rows, tmp_path, gradient_accumulation=2, deepspeed_config=_deepspeed_json(stage))
+    for (got, _), (want, _) in zip(reports, zero2_reference):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    ours = AutoModelForImageTextToText.from_pretrained(reports[-1][1] / MODEL_SUBDIR).state_dict()
+    reference = AutoModelForImageTextToText.from_pretrained(zero2_reference[-1][1] / MODEL_SUBDIR).state_dict()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_a_restart_after_the_export_hands_the_same_export_back(tmp_path, tiny_model_dir):
+    """Ray Train restarts from the latest checkpoint; if that is the final export, nothing trains again."""
+    from workloads.train_loop import STATE_FILE
+
+    final = tmp_path / "final"
+    (final / MODEL_SUBDIR).mkdir(parents=True)
+    (final / MODEL_SUBDIR / "config.json").write_text("{}")
+    (final / STATE_FILE).write_text(json.dumps({"step": 7, "final": True, "metrics": {"step": 7, "loss": 0.5}}))
+    reports = []
+    spec = TrainSpec(model_path=tiny_model_dir, total_steps=7, steps_per_epoch=7)
+    run_training(spec, lambda epoch: iter(()), lambda m, d: reports.append((m, Path(d, MODEL_SUBDIR, "config.json").exists() if d else None)), resume_dir=str(final))
+    assert reports == [({"step": 7, "loss": 0.5, "final": 1}, True)]

@@ -186,12 +186,16 @@ def tinyllava_config(*, text: dict | None = None, vision: dict | None = None, im
     return llava_config(text_config, vision_config, image_token_id=token)
 
 
-def _vision_state_dict(tower) -> dict[str, torch.Tensor]:
-    """The state dict of a vision tower as `LlavaModel.vision_tower` names it (`vision_model.*`)."""
-    if hasattr(tower, "text_model") or hasattr(tower, "text_config"):  # a whole CLIP/SigLIP model
-        tower = tower.vision_model
-        return {f"vision_model.{k}": v for k, v in tower.state_dict().items()}
-    return tower.state_dict()
+def _load_vision_weights(target, source) -> None:
+    """Copy a pretrained tower (a whole CLIP/SigLIP model or its vision half) into LLaVA's vision tower."""
+    target = getattr(target, "vision_model", target)
+    source_state = getattr(source, "vision_model", source).state_dict()
+    wanted = target.state_dict()
+    missing = sorted(set(wanted) - set(source_state))
+    unexpected = sorted(k for k in set(source_state) - set(wanted) if not k.startswith("head."))  # the unused pooling head
+    if missing or unexpected:
+        raise ValueError(f"vision tower weights don't fit: missing {missing}, unexpected {unexpected}")
+    target.load_state_dict({k: source_state[k] for k in wanted})
 
 
 def compose_llava(
@@ -242,10 +246,7 @@ def compose_llava(
     if missing or unexpected:
         raise ValueError(f"language model {language_model}: missing {missing}, unexpected {unexpected}")
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    vision_state = {k: v for k, v in _vision_state_dict(tower).items() if not k.startswith("vision_model.head.")}
-    missing, unexpected = model.model.vision_tower.load_state_dict(vision_state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"vision tower {vision_tower}: missing {missing}, unexpected {unexpected}")
+    _load_vision_weights(model.model.vision_tower, tower)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -325,22 +326,31 @@ class TrainingFlops:
 
     @classmethod
     def of(cls, model) -> "TrainingFlops":
+        """From a LLaVA-style model (`model.model.{language_model, vision_tower, multi_modal_projector}`);
+        other image-text models count as one language model without a tower."""
         config = model.config
-        text, vision = config.get_text_config(), config.vision_config
-        inner = model.model
+        text = config.get_text_config()
+        inner = getattr(model, "model", model)
+        language_model = getattr(inner, "language_model", None)
+        tower = getattr(inner, "vision_tower", None)
+        projector = getattr(inner, "multi_modal_projector", None)
+        vision = getattr(config, "vision_config", None)
+        trains = lambda part: part is not None and any(p.requires_grad for p in part.parameters())  # noqa: E731
+        if language_model is None or tower is None or vision is None:
+            return cls(_matmul_params(model), text.num_hidden_layers, text.hidden_size, 0, 0, 0, 0, 0, trains(model), False)
         positions = (vision.image_size // vision.patch_size) ** 2 + (1 if _has_cls_token(vision) else 0)
-        trains = lambda part: any(p.requires_grad for p in part.parameters())  # noqa: E731
+        lm_head = getattr(model, "lm_head", None)
         return cls(
-            lm_params=_matmul_params(inner.language_model) + _matmul_params(model.lm_head),
+            lm_params=_matmul_params(language_model) + (_matmul_params(lm_head) if lm_head is not None else 0),
             lm_layers=text.num_hidden_layers,
             lm_hidden=text.hidden_size,
-            vision_params=_matmul_params(inner.vision_tower),
+            vision_params=_matmul_params(tower),
             vision_layers=vision.num_hidden_layers,
             vision_hidden=vision.hidden_size,
             vision_positions=positions,
-            connector_params=_matmul_params(inner.multi_modal_projector),
-            lm_trains=trains(inner.language_model) or trains(model.lm_head),
-            vision_trains=trains(inner.vision_tower),
+            connector_params=_matmul_params(projector) if projector is not None else 0,
+            lm_trains=trains(language_model) or trains(lm_head),
+            vision_trains=trains(tower),
         )
 
     def step(self, tokens: float, tokens_times_length: float, images: int) -> float:

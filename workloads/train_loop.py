@@ -16,10 +16,13 @@ backward pass undoes both (`loss * world_size`, `scale_wrt_gas=False`): the
 step's gradient is then ∇(Σ w·nll / N) over the whole global batch, however
 it was split. tests/test_train_ray.py checks it across Ray Train layouts.
 
-Reported per step (rank 0's view of all-reduced values): loss,
-loss_instruction, loss_response, tokens_instruction, tokens_response,
-trained_tokens, grad_norm, lr, tokens_per_s, samples_per_s, step_time_s,
-padding_share (and padding_share_run since start), mfu on GPU. Step time is
+Reported per step (sums over all ranks): loss, loss_instruction,
+loss_response, tokens_instruction, tokens_response, trained_tokens (N),
+trained_tokens_rank (this rank's share), grad_norm, lr, tokens, tokens_per_s,
+samples_per_s, step_time_s, padding_share (padded positions / all positions
+of the step's micro-batches; padding_share_run since the start), tokens_per_s_run
+(throughput since the end of the first step, over wall_s_run seconds and cpu_s_run
+CPU seconds of this process), step_cpu_s and, on GPU, mfu. Step time is
 wall clock from the end of one step to the end of the next, so waiting for
 data and reporting count.
 """
@@ -171,6 +174,63 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+TALLY = ("loss", "nll_instruction", "tokens_instruction", "nll_response", "tokens_response", "tokens", "length_squared", "samples", "positions", "images")
+
+
+def _tally(parts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One micro-batch's sums, in `TALLY` order, as one float64 tensor on the device (no host sync)."""
+    lengths = batch["attention_mask"].sum(dim=1).double()
+    ids, pixels = batch["input_ids"], batch.get("pixel_values")
+    shape = [ids.size(0), ids.numel(), 0 if pixels is None else pixels.size(0)]
+    losses = (parts.loss, parts.nll_instruction, parts.tokens_instruction, parts.nll_response, parts.tokens_response)
+    return torch.cat([
+        torch.stack([t.detach().double() for t in losses]),
+        torch.stack([lengths.sum(), (lengths**2).sum()]),
+        torch.tensor(shape, dtype=torch.float64, device=ids.device),
+    ])
+
+
+class _Clock:
+    """Step time (wall and this process's CPU) from the end of one step to the end of the next, so data
+    waits and reports count; run totals: throughput after the first (warm-up) step, padding share."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.steady: list[float] | None = None  # tokens, wall, cpu since the end of the first step
+        self.tokens = self.positions = 0.0
+
+    def lap(self, tokens: float, samples: float, positions: float) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        elapsed, cpu_elapsed = max(wall - self.wall, 1e-9), cpu - self.cpu
+        self.wall, self.cpu = wall, cpu
+        self.tokens += tokens
+        self.positions += positions
+        if self.steady is None:
+            self.steady = [0.0, 0.0, 0.0]
+            run = (tokens / elapsed, elapsed, cpu_elapsed)
+        else:
+            self.steady = [self.steady[0] + tokens, self.steady[1] + elapsed, self.steady[2] + cpu_elapsed]
+            run = (self.steady[0] / self.steady[1], self.steady[1], self.steady[2])
+        return {
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed,
+            "samples_per_s": samples / elapsed,
+            "step_time_s": elapsed,
+            "step_cpu_s": cpu_elapsed,
+            "padding_share": 1.0 - tokens / positions,
+            "padding_share_run": 1.0 - self.tokens / self.positions,
+            "tokens_per_s_run": run[0],
+            "wall_s_run": run[1],
+            "cpu_s_run": run[2],
+        }
+
+
+def _grad_norm(engine) -> float:
+    """2-norm of the (already all-reduced) gradients, for ZeRO stage 0."""
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _read_state(resume_dir: str | None) -> dict[str, Any]:
     """What a checkpoint folder says about itself: {"step": k} (DeepSpeed state beside it) or the final export."""
     if not resume_dir or not (Path(resume_dir) / STATE_FILE).exists():
@@ -231,19 +291,16 @@ def run_training(
 
     gas = spec.gradient_accumulation
     metrics: dict[str, float] = {}
-    run_positions = run_tokens = 0.0
     device_name = torch.cuda.get_device_name() if spec.use_gpu else "cpu"
     # A resumed run re-reads its epoch from the start and skips what the checkpoint already trained on.
     epoch, steps_this_epoch = divmod(step, spec.steps_per_epoch)
-    tick = time.perf_counter()
+    clock = _Clock()
 
     while step < spec.total_steps:
         iterator = iter(epoch_batches(epoch))
         for _ in range(steps_this_epoch * gas):
             next(iterator, None)
         for group in _steps_of(iterator, gas):
-            if step >= spec.total_steps or steps_this_epoch >= spec.steps_per_epoch:
-                continue  # drain the epoch so every rank leaves it together
             # 1. batch: this rank's micro-batches of the step; N = trained tokens of the whole global batch
             batches = [collate(b, pad_token_id, device) for b in group]
             weights = [
@@ -252,7 +309,8 @@ def run_training(
             trained_here = sum(count_trained_tokens(w) for w in weights).double()
             trained_tokens = _all_reduce_sum(trained_here.clone())
 
-            tally = []  # per micro-batch: loss, nll_i, tok_i, nll_r, tok_r, tokens, Σlength², samples, positions, images
+            plain_norm = None
+            tally = []
             for batch, weight in zip(batches, weights):
                 # 2. forward
                 pixel_values = batch.get("pixel_values")
@@ -266,47 +324,33 @@ def run_training(
                 # 4. backward: undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by gas
                 engine.backward(parts.loss * world_size, scale_wrt_gas=False)
                 # 5. step: DeepSpeed reduces gradients and updates at the accumulation boundary
+                if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                    plain_norm = _grad_norm(engine)  # ZeRO-0 in fp32 clips without keeping the norm
                 engine.step()
-                lengths = batch["attention_mask"].sum(dim=1).double()
-                shape = [batch["input_ids"].size(0), batch["input_ids"].numel(), 0 if pixel_values is None else pixel_values.size(0)]
-                tally.append(torch.cat([
-                    torch.stack([t.detach().double() for t in (parts.loss, parts.nll_instruction, parts.tokens_instruction, parts.nll_response, parts.tokens_response)]),
-                    torch.stack([lengths.sum(), (lengths**2).sum()]),
-                    torch.tensor(shape, dtype=torch.float64, device=device),
-                ]))
+                tally.append(_tally(parts, batch))
             step += 1
             steps_this_epoch += 1
 
             # 6. report (one host sync per step)
-            summed = _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()
-            loss, nll_i, tok_i, nll_r, tok_r, tokens, length_sq, samples, positions, images = summed
-            trained_tokens, trained_here = float(trained_tokens), float(trained_here)
+            totals = dict(zip(TALLY, _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()))
             grad_norm = engine.get_global_grad_norm()
-            now = time.perf_counter()
-            elapsed = max(now - tick, 1e-9)
-            run_positions += positions
-            run_tokens += tokens
             metrics = {
                 "step": step,
                 "epoch": epoch,
-                "loss": loss,
-                "loss_instruction": nll_i / tok_i if tok_i else float("nan"),
-                "loss_response": nll_r / tok_r if tok_r else float("nan"),
-                "tokens_instruction": tok_i,
-                "tokens_response": tok_r,
-                "trained_tokens": trained_tokens,
-                "trained_tokens_rank": trained_here,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "loss": totals["loss"],
+                "loss_instruction": totals["nll_instruction"] / totals["tokens_instruction"] if totals["tokens_instruction"] else math.nan,
+                "loss_response": totals["nll_response"] / totals["tokens_response"] if totals["tokens_response"] else math.nan,
+                "tokens_instruction": totals["tokens_instruction"],
+                "tokens_response": totals["tokens_response"],
+                "trained_tokens": float(trained_tokens),
+                "trained_tokens_rank": float(trained_here),
+                "grad_norm": float(plain_norm if grad_norm is None else grad_norm),
                 "lr": scheduler.get_last_lr()[0] if scheduler is not None else spec.lr,
-                "tokens": tokens,
-                "tokens_per_s": tokens / elapsed,
-                "samples_per_s": samples / elapsed,
-                "step_time_s": elapsed,
-                "padding_share": 1.0 - tokens / positions,
-                "padding_share_run": 1.0 - run_tokens / run_positions,
+                **clock.lap(totals["tokens"], totals["samples"], totals["positions"]),
             }
             if spec.use_gpu:
-                metrics["mfu"] = mfu(flops.step(tokens, length_sq, int(images)), elapsed, world_size, device_name)
+                step_flops = flops.step(totals["tokens"], totals["length_squared"], int(totals["images"]))
+                metrics["mfu"] = mfu(step_flops, metrics["step_time_s"], world_size, device_name)
 
             checkpoint_due = spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.total_steps
             if checkpoint_due:
@@ -322,7 +366,8 @@ def run_training(
                 if not marker.exists():
                     marker.write_text(str(step))
                     raise RuntimeError(f"injected failure after step {step}")
-            tick = now  # reporting and the next step's data wait count toward the next step
+            if step >= spec.total_steps or steps_this_epoch >= spec.steps_per_epoch:
+                break
         epoch += 1
         steps_this_epoch = 0
 

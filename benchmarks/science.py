@@ -1,0 +1,280 @@
+"""The science check: VIT vs L2T vs L2T without templates, several seeds, equal compute.
+
+Run: ``python benchmarks/science.py [--seeds 3] [--steps 300] [--batch 32] [--lr 2e-3]``
+
+For every seed and masking mode (``response`` = the VIT baseline, ``l2t``,
+``l2t_no_template``; λ_I = λ_A = 1), the tiny LLaVA (CLIP-style tower, Llama-style
+LM, tokenizer trained on the corpus; initial weights drawn from the seed) is
+trained on the same synthetic set for the same number of optimizer steps, batch
+size, learning rate and schedule, and evaluated on the same held-out synthetic
+suite (disjoint scenes; captioning, color, shape, counting and POPE-style
+questions). Equal compute: the three modes differ only in which tokens carry
+loss, so every run does the same forward and backward passes.
+
+Training runs in this process with the project's own per-worker loop
+(``workloads.train_loop.run_training``: DeepSpeed ZeRO-0 on CPU, gloo, one rank,
+the λ loss normalized per step, AdamW, warm-up + cosine) fed by micro-batches
+built the way the Ray Data stage builds them; evaluation is
+``workloads.evaluation.Evaluator``, the code the Ray Data actors run, in this
+process. No Ray: on a 2-core machine a cluster would only add start-up time.
+
+Reported, as mean ± sample std over seeds, per mode: visual contribution per
+token (``vc_mean``, V=∅ = noise) and per sample (``vc_sum``), caption CIDEr-D
+and BLEU-4, VQA accuracy (mean score over the short-answer questions) and by
+kind, POPE F1, CHAIR (object = colored shape: ``chair_i``; shapes only:
+``chair_i_shape``), the final training losses. Writes
+``benchmarks/results/science.json`` with every run and the summary. Differences
+between modes are also given per seed (paired: same initial weights and data
+order), with their mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODES = ("response", "l2t", "l2t_no_template")
+REPORTED = (
+    "vc_mean", "vc_sum", "vc_positive_share", "caption_cider", "caption_bleu4", "accuracy", "exact_match",
+    "accuracy_color", "accuracy_shape", "accuracy_count", "accuracy_exists", "pope_f1", "pope_yes_ratio",
+    "chair_i", "chair_s", "chair_i_shape", "chair_s_shape", "vc_mean_caption", "vc_mean_color", "vc_mean_shape",
+    "vc_mean_exists", "vc_mean_count",
+)
+TRAINING = ("loss_response", "loss_instruction", "train_s")
+
+
+def build_inputs(args, work: Path):
+    """Synthetic data (once), task templates, the encoded training rows with their pixel values."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from orchestrator.pipeline import _corpus
+    from workloads.conversations import parse_record
+    from workloads.segments import EncodeSpec, encode_conversations
+    from workloads.synthetic import write_synthetic_dataset
+    from workloads.task_templates import count_sentences, select_task_templates
+    from workloads.tiny_model import TinyModelSpec, build_tiny_model, num_image_tokens
+
+    data = write_synthetic_dataset(
+        work / "data", train_rows=args.train_rows, eval_rows=0, seed=args.data_seed, max_objects=args.max_objects,
+        image_size=32, kinds=tuple(args.kinds),
+    )
+    records = [json.loads(line) for line in data.train_file.read_text().splitlines()]
+    conversations = [parse_record(r) for r in records]
+    counts, turns = count_sentences(conversations)
+    templates = select_task_templates(counts, turns, top_k=args.template_top_k, min_share=args.template_min_share).sentences()
+
+    corpus = list(_corpus([str(data.train_file)], "vicuna_v1"))
+    model_dirs = {}
+    for seed in range(args.seeds):
+        model_dirs[seed] = build_tiny_model(work / f"init-{seed}", corpus, TinyModelSpec(seed=seed))
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
+    processor = AutoImageProcessor.from_pretrained(model_dirs[0])
+    from transformers import AutoConfig
+
+    spec = EncodeSpec("vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dirs[0])), 128, task_templates=templates)
+    encoded = encode_conversations(conversations, tokenizer, spec)
+    rows = []
+    for conversation, row in zip(conversations, encoded):
+        if isinstance(row, Exception):
+            continue
+        image = Image.open(data.image_root / conversation.images[0]).convert("RGB")
+        pixels = processor(images=[image], return_tensors="np")["pixel_values"].astype(np.float32)
+        rows.append({"input_ids": row.input_ids, "segments": row.segments, "pixel_values": pixels})
+    return data, templates, model_dirs, spec, rows
+
+
+def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]:
+    """Per mode: trained tokens per row and the share of them that are response tokens.
+
+    The loss is Σ w·nll / N with N every trained token of the step (DESIGN.md), so at λ_I = λ_A = 1
+    the response tokens' share of the gradient shrinks as instruction tokens join the loss."""
+    from workloads.segments import RESPONSE_SEGMENTS, token_weights
+
+    segments = np.concatenate([np.asarray(r["segments"])[1:] for r in rows]).astype(np.int64)  # targets: after the shift
+    is_response = np.isin(segments, [int(s) for s in RESPONSE_SEGMENTS])
+    out = {}
+    for mode in modes:
+        trained = token_weights(segments, mode) > 0
+        out[mode] = {
+            "trained_tokens_per_row": round(float(trained.sum()) / len(rows), 2),
+            "response_share": round(float((trained & is_response).sum() / trained.sum()), 4),
+        }
+    return out
+
+
+def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out: Path) -> dict:
+    """One run of workloads' training loop; the exported model lands in `out`."""
+    from workloads.train_loop import MODEL_SUBDIR, TrainSpec, run_training
+
+    steps_per_epoch = len(rows) // args.batch
+
+    def epoch_batches(epoch: int):
+        order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        for start in range(0, steps_per_epoch * args.batch, args.batch):
+            chunk = [rows[i] for i in order[start : start + args.batch]]
+            yield {key: [r[key] for r in chunk] for key in chunk[0]}
+
+    history: list[dict] = []
+
+    def report(metrics, checkpoint_dir):
+        history.append(dict(metrics))
+        if checkpoint_dir and (Path(checkpoint_dir) / MODEL_SUBDIR).exists():
+            shutil.copytree(Path(checkpoint_dir) / MODEL_SUBDIR, out, dirs_exist_ok=True)
+
+    spec = TrainSpec(
+        model_path=str(model_dir), total_steps=args.steps, steps_per_epoch=steps_per_epoch, mode=mode,
+        lambda_instruction=1.0, lambda_response=1.0, freeze="none", lr=args.lr, lr_schedule="cosine",
+        warmup_ratio=0.05, micro_batch_size=args.batch, gradient_accumulation=1, seed=seed,
+        deepspeed_config={"zero_optimization": {"stage": 0}}, log_every=max(1, args.steps // 10),
+        torch_threads=args.threads,
+    )
+    started = time.perf_counter()
+    run_training(spec, epoch_batches, report)
+    train_s = time.perf_counter() - started
+    last = history[-1]
+    tail = [h for h in history if "loss_response" in h][-3:]
+    return {
+        "train_s": train_s,
+        "loss_response": float(np.mean([h["loss_response"] for h in tail])),
+        "loss_instruction": float(np.mean([h["loss_instruction"] for h in tail])),
+        "steps": int(last["step"]),
+        "curve": [{k: h[k] for k in ("step", "loss", "loss_response", "loss_instruction") if k in h} for h in history],
+    }
+
+
+def evaluate_one(model_dir: Path, spec, questions, image_root, args) -> tuple[dict, float]:
+    from workloads.evaluation import Evaluator, summarize, synthetic_chair_vocabularies
+
+    started = time.perf_counter()
+    evaluator = Evaluator.from_pretrained(str(model_dir), spec, image_root=image_root, null_image="noise", max_new_tokens=24, seed=0)
+    samples = []
+    for start in range(0, len(questions), 50):
+        samples.extend(evaluator(questions[start : start + 50]))
+    return summarize(samples, chair_vocabularies=synthetic_chair_vocabularies()), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--train-rows", type=int, default=4000)
+    parser.add_argument("--eval-rows", type=int, default=300)
+    parser.add_argument("--max-objects", type=int, default=1)
+    parser.add_argument("--kinds", nargs="+", default=["caption", "color", "shape", "count", "exists"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--template-top-k", type=int, default=10)
+    parser.add_argument(
+        "--template-min-share", type=float, default=0.03,
+        help="task templates: sentences in at least this share of user turns (at 0.02 this set also selects "
+        "content-bearing questions such as 'What color is the square?')",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "science.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from workloads.evaluation import synthetic_questions
+    from workloads.metrics import mean_std
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="l2t-science-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, templates, model_dirs, spec, rows = build_inputs(args, work)
+    questions, image_root = synthetic_questions(
+        work / "suite", rows=args.eval_rows, seed=args.data_seed, max_objects=args.max_objects,
+        kinds=[k for k in args.kinds if k != "multi_turn"],
+    )
+    print(f"{len(rows)} training rows, {len(questions)} held-out questions, task templates {list(templates)}", flush=True)
+
+    runs = []
+    for seed in range(args.seeds):
+        for mode in args.modes:
+            out = work / "runs" / f"{mode}-seed{seed}"
+            trained = train_one(model_dirs[seed], rows, mode, seed, args, out)
+            metrics, eval_s = evaluate_one(out, spec, questions, image_root, args)
+            run = {"mode": mode, "seed": seed, **{k: v for k, v in trained.items() if k != "curve"}, "eval_s": eval_s,
+                   "metrics": metrics, "curve": trained["curve"]}
+            runs.append(run)
+            print(
+                f"seed {seed} {mode:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  CIDEr {metrics.get('caption_cider', float('nan')):.3f}  "
+                f"acc {metrics.get('accuracy', float('nan')):.3f}  CHAIR_i {metrics.get('chair_i', float('nan')):.3f}  "
+                f"loss_r {trained['loss_response']:.3f}  ({trained['train_s']:.0f} s train, {eval_s:.0f} s eval)",
+                flush=True,
+            )
+
+    summary: dict[str, dict] = {}
+    for mode in args.modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        entry = {}
+        for key in REPORTED:
+            values = [r["metrics"][key] for r in mine if key in r["metrics"]]
+            if values:
+                mean, std = mean_std(values)
+                entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
+        for key in TRAINING:
+            mean, std = mean_std([r[key] for r in mine])
+            entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
+        summary[mode] = entry
+    paired: dict[str, dict] = {}
+    if "response" in args.modes:
+        for mode in (m for m in args.modes if m != "response"):
+            paired[f"{mode}-minus-response"] = {}
+            for key in ("vc_mean", "vc_sum", "caption_cider", "accuracy", "chair_i", "chair_i_shape", "pope_f1"):
+                diffs = []
+                for seed in range(args.seeds):
+                    a = next(r for r in runs if r["mode"] == mode and r["seed"] == seed)["metrics"].get(key)
+                    b = next(r for r in runs if r["mode"] == "response" and r["seed"] == seed)["metrics"].get(key)
+                    if a is not None and b is not None:
+                        diffs.append(a - b)
+                if diffs:
+                    mean, std = mean_std(diffs)
+                    paired[f"{mode}-minus-response"][key] = {"mean": round(mean, 4), "std": round(std, 4), "per_seed": [round(d, 4) for d in diffs]}
+
+    result = {
+        "setup": {
+            "seeds": args.seeds, "steps": args.steps, "batch": args.batch, "lr": args.lr, "schedule": "cosine, 5% warm-up",
+            "lambda_instruction": 1.0, "lambda_response": 1.0, "train_rows": len(rows), "eval_questions": len(questions),
+            "max_objects": args.max_objects, "kinds": args.kinds, "task_templates": list(templates), "template_selection": {"top_k": args.template_top_k, "min_share": args.template_min_share},
+            "null_image": "noise",
+            "trainer": "workloads.train_loop.run_training (DeepSpeed ZeRO-0, CPU, 1 rank), in-process",
+            "model": "tiny LLaVA (CLIP 2x64, Llama 2x128), weights drawn per seed", "freeze": "none",
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "trained_tokens": trained_token_shares(rows, args.modes),
+        },
+        "summary": summary,
+        "paired_differences": paired,
+        "runs": runs,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\n{'metric':18s}" + "".join(f"{m:>22s}" for m in args.modes))
+    for key in ("vc_mean", "vc_sum", "caption_cider", "caption_bleu4", "accuracy", "pope_f1", "chair_i", "chair_i_shape", "loss_response", "train_s"):
+        cells = [summary[m].get(key) for m in args.modes]
+        print(f"{key:18s}" + "".join(f"{c['mean']:>13.3f} ± {c['std']:<6.3f}" if c else f"{'-':>22s}" for c in cells))
+    print(f"wrote {args.out} in {result['wall_s']:.0f} s (load average {result['load_average']})")
+
+
+if __name__ == "__main__":
+    main()

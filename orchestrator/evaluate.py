@@ -1,0 +1,561 @@
+"""`l2t eval`: batch inference of a trained model on Ray Data, per-sample outputs, metrics.
+
+The questions (a suite: the synthetic held-out scenes, or a LLaVA-style
+question file such as VQAv2, GQA, TextVQA, POPE or COCO captions) become a
+Ray Data set of `{index, question}` rows; `map_batches` sends them through a
+pool of `EvalActor`s, each of which loads the model, tokenizer and image
+processor once and runs `workloads.evaluation.Evaluator` on its batches
+(generation, teacher-forced log-likelihoods with the real image and with
+V=∅, scores). The driver collects the rows, sorts them by question order and
+writes them to `samples.jsonl` and `samples.parquet` (one file each, in the
+suite's order, so two runs can be compared with `diff` or a Parquet join),
+then aggregates them with `workloads.evaluation.summarize` into
+`metrics.json`.
+
+Every entry point runs this same code: `l2t eval` (`run_eval`), the
+evaluation after `l2t train` and each sweep trial (`evaluate_model`).
+
+Resources: on GPU each actor holds one GPU; on CPU each actor asks for a
+fraction of a CPU (0.5 by default: on a 2-core machine, an actor holding a
+whole CPU beside another stage that needs one stalls) and sizes its torch
+thread pool from the cluster instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+import pyarrow as pa
+
+from orchestrator import storage
+
+SAMPLES_JSONL = "samples.jsonl"
+SAMPLES_PARQUET = "samples.parquet"
+METRICS_FILE = "metrics.json"
+DEFAULT_CPUS_PER_ACTOR = 0.5
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("question_id", pa.string()),
+        ("kind", pa.string()),
+        ("category", pa.string()),
+        ("image", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("references", pa.list_(pa.string())),
+        ("choices", pa.list_(pa.string())),
+        ("objects", pa.list_(pa.string())),
+        ("prediction", pa.string()),
+        ("correct", pa.float64()),
+        ("logp_with_image", pa.float64()),
+        ("logp_null_image", pa.float64()),
+        ("vc_sum", pa.float64()),
+        ("vc_mean", pa.float64()),
+        ("response_tokens", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class EvalOptions:
+    """How questions are answered and scored, and how the actor pool is sized."""
+
+    null_image: str = "noise"
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    batch_size: int = 32
+    seed: int = 0
+    use_gpu: bool = False
+    concurrency: int | None = None
+    """Actors; default: one per GPU, or one per 4 CPUs (at least 1) on CPU."""
+    cpus_per_actor: float | None = None
+    """Logical CPUs per actor; default 0.5 on CPU, 1 beside a GPU."""
+    torch_threads: int | None = None
+    """torch threads per CPU actor; default: the cluster's CPUs shared among the actors (1..8)."""
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    metrics: dict[str, float]
+    samples_jsonl: str
+    samples_parquet: str
+    metrics_file: str
+    rows: list[dict] = field(repr=False, default_factory=list)
+
+
+# ---------------------------------------------------------------- Ray Data stage
+
+
+def _opener(image_root: str | None):
+    """Open images under a local folder or an s3:// prefix (what the training data loader accepts)."""
+    from PIL import Image
+
+    def open_image(path: str):
+        if storage.is_s3(image_root or "") or storage.is_s3(path):
+            fs, inner = storage.filesystem(path if storage.is_s3(path) else storage.join(image_root, path))
+            with fs.open_input_file(inner) as handle:
+                return Image.open(handle).convert("RGB")
+        with Image.open(Path(image_root or ".", path)) as image:
+            return image.convert("RGB")
+
+    return open_image
+
+
+class EvalActor:
+    """Ray Data actor: loads the model once, answers and scores each batch of questions."""
+
+    def __init__(self, model_dir: str, spec_kwargs: dict[str, Any], image_root: str | None, options: dict[str, Any]):
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+
+        from workloads.evaluation import Evaluator
+        from workloads.segments import EncodeSpec
+
+        opts = EvalOptions(**options)
+        if opts.torch_threads and not opts.use_gpu:
+            torch.set_num_threads(opts.torch_threads)
+        device = "cuda" if opts.use_gpu else "cpu"
+        self.evaluator = Evaluator.from_pretrained(
+            model_dir,
+            EncodeSpec(**spec_kwargs),
+            device=device,
+            open_image=_opener(image_root),
+            null_image=opts.null_image,
+            max_new_tokens=opts.max_new_tokens,
+            num_beams=opts.num_beams,
+            seed=opts.seed,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        questions = [json.loads(str(q)) for q in batch["question"]]
+        samples = self.evaluator(questions)
+        rows = [{"index": int(i), **asdict(s)} for i, s in zip(batch["index"], samples)]
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def _pool(options: EvalOptions, batches: int) -> tuple[int, float, dict[str, Any]]:
+    """(actors, CPUs per actor, extra map_batches arguments) for this cluster."""
+    from orchestrator.cluster import cluster_cpus
+
+    import ray
+
+    if options.use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus < 1:
+            raise RuntimeError("use_gpu is set but the Ray cluster has no GPU")
+        actors = options.concurrency or gpus
+        return max(1, min(actors, batches)), options.cpus_per_actor or 1.0, {"num_gpus": 1}
+    cpus = cluster_cpus()
+    actors = max(1, min(options.concurrency or max(1, int(cpus // 4)), batches))
+    return actors, options.cpus_per_actor or DEFAULT_CPUS_PER_ACTOR, {}
+
+
+def batch_inference(
+    model_dir: str,
+    questions: list[dict],
+    spec_kwargs: dict[str, Any],
+    image_root: str | None,
+    options: EvalOptions,
+) -> list[dict]:
+    """Per-sample rows (SAMPLE_SCHEMA), in question order, from a pool of EvalActors on Ray Data."""
+    import ray
+
+    from orchestrator.cluster import cluster_cpus
+
+    if not questions:
+        return []
+    batches = math.ceil(len(questions) / options.batch_size)
+    actors, cpus_per_actor, extra = _pool(options, batches)
+    if not options.use_gpu and options.torch_threads is None:
+        options = EvalOptions(**{**asdict(options), "torch_threads": max(1, min(8, int(cluster_cpus() // actors)))})
+    items = [{"index": i, "question": json.dumps(q, ensure_ascii=False)} for i, q in enumerate(questions)]
+    dataset = ray.data.from_items(items, override_num_blocks=min(batches, 256))
+    results = dataset.map_batches(
+        EvalActor,
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "spec_kwargs": spec_kwargs,
+            "image_root": image_root,
+            "options": asdict(options),
+        },
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+        **extra,
+    )
+    rows = results.take_all()
+    rows.sort(key=lambda r: r["index"])
+    if [r["index"] for r in rows] != list(range(len(questions))):
+        raise RuntimeError(f"batch inference returned {len(rows)} rows for {len(questions)} questions")
+    return [_plain(r) for r in rows]
+
+
+def _plain(row: dict) -> dict:
+    """A row from Ray Data with numpy values turned into JSON-ready Python values."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_samples(rows: list[dict], jsonl_uri: str, parquet_uri: str | None) -> None:
+    """Rows as JSON lines (sorted keys: stable for diff) and as one Parquet file."""
+    storage.write_text(jsonl_uri, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+    if parquet_uri:
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([{k: r.get(k) for k in SAMPLE_SCHEMA.names} for r in rows], schema=SAMPLE_SCHEMA)
+        fs, path = storage.filesystem(parquet_uri)
+        fs.create_dir(posixpath.dirname(path) if storage.is_s3(parquet_uri) else str(Path(path).parent), recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+
+
+def evaluate_questions(
+    model_dir: str,
+    questions: list[dict],
+    spec_kwargs: dict[str, Any],
+    image_root: str | None,
+    options: EvalOptions,
+    out_dir: str,
+    *,
+    suite: str = "questions",
+    chair_vocabularies: dict[str, list[str]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> SuiteResult:
+    """Batch inference, per-sample files and metrics for normalized questions; the one code path
+    behind `l2t eval`, `l2t train` and sweep trials."""
+    from workloads.evaluation import summarize
+
+    started = time.perf_counter()
+    rows = batch_inference(model_dir, questions, spec_kwargs, image_root, options)
+    metrics = summarize(rows, chair_vocabularies=chair_vocabularies)
+    jsonl, parquet, metrics_file = (storage.join(out_dir, n) for n in (SAMPLES_JSONL, SAMPLES_PARQUET, METRICS_FILE))
+    write_samples(rows, jsonl, parquet)
+    record = {
+        "suite": suite,
+        "model_dir": str(model_dir),
+        "questions": len(questions),
+        "spec": {**spec_kwargs, "task_templates": list(spec_kwargs.get("task_templates", ()))},
+        "options": asdict(options),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    storage.write_text(metrics_file, json.dumps(record, indent=2, sort_keys=True))
+    return SuiteResult(suite, metrics, jsonl, parquet, metrics_file, rows)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_question_file(path: str, *, limit: int | None = None, default_kind: str | None = None) -> list[dict]:
+    """Normalized questions of a LLaVA-style JSONL (or JSON list) file, local or s3://."""
+    from workloads.evaluation import parse_question_lines
+
+    text = storage.read_text(path)
+    if path.endswith(".json"):
+        return parse_question_lines([json.dumps(json.loads(text))], limit=limit, default_kind=default_kind)
+    return parse_question_lines(text.splitlines(), limit=limit, default_kind=default_kind)
+
+
+def encode_spec_kwargs(
+    model_dir: str,
+    *,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    task_templates: tuple[str, ...] | None = None,
+    prepared: str | None = None,
+    config=None,
+) -> dict[str, Any]:
+    """EncodeSpec arguments: explicit values first, then a prepared-data folder's manifest and
+    task templates, then an experiment config, then vicuna_v1 / 2048 tokens. The image token count
+    always comes from the model's config (a prepared folder that disagrees is refused)."""
+    from transformers import AutoConfig
+
+    from workloads.model import num_image_tokens
+    from workloads.task_templates import TaskTemplateList
+
+    image_tokens = num_image_tokens(AutoConfig.from_pretrained(model_dir))
+    manifest: dict[str, Any] = {}
+    if prepared:
+        from orchestrator.prepare import PreparedData
+
+        data = PreparedData.load(prepared)
+        manifest = data.manifest
+        if manifest.get("num_image_tokens") not in (None, image_tokens):
+            raise ValueError(f"{prepared} was prepared with {manifest['num_image_tokens']} image tokens, the model uses {image_tokens}")
+        if task_templates is None and storage.exists(data.task_templates_file):
+            task_templates = TaskTemplateList.from_dict(json.loads(storage.read_text(data.task_templates_file))).sentences()
+    if config is not None:
+        chat_template = chat_template or manifest.get("chat_template") or config.data.chat_template
+        system_prompt = system_prompt if system_prompt is not None else config.data.system_prompt
+        max_length = max_length or manifest.get("max_length") or config.data.max_length
+        if task_templates is None and config.masking.task_templates.file:
+            task_templates = TaskTemplateList.load(config.masking.task_templates.file).sentences()
+    return {
+        "template": chat_template or manifest.get("chat_template") or "vicuna_v1",
+        "num_image_tokens": image_tokens,
+        "max_length": int(max_length or manifest.get("max_length") or 2048),
+        "task_templates": tuple(task_templates or ()),
+        "system_prompt": system_prompt,
+    }
+
+
+@dataclass
+class SyntheticSuite:
+    """The synthetic suite's settings; take them from the training set's `data.synthetic`."""
+
+    rows: int = 200
+    seed: int = 0
+    max_objects: int = 1
+    image_size: int = 32
+    kinds: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_config(cls, config, rows: int | None = None) -> "SyntheticSuite":
+        from workloads.synthetic import SINGLE_ROUND_KINDS
+
+        synthetic = config.data.synthetic if config is not None else None
+        if synthetic is None:
+            return cls(rows=rows or 200)
+        kinds = tuple(k for k in (synthetic.kinds or SINGLE_ROUND_KINDS) if k in SINGLE_ROUND_KINDS) or None
+        return cls(rows=rows or synthetic.eval_rows or 200, seed=synthetic.seed, max_objects=synthetic.max_objects, image_size=synthetic.image_size, kinds=kinds)
+
+
+def suite_name(suite: str) -> str:
+    from workloads.evaluation import SYNTHETIC_SUITE
+
+    if suite == SYNTHETIC_SUITE:
+        return suite
+    return posixpath.basename(suite.rstrip("/")).rsplit(".", 1)[0] or "suite"
+
+
+def load_suite(
+    suite: str,
+    out_dir: str,
+    *,
+    image_root: str | None = None,
+    limit: int | None = None,
+    default_kind: str | None = None,
+    synthetic: SyntheticSuite | None = None,
+) -> tuple[list[dict], str | None, dict[str, list[str]] | None]:
+    """(normalized questions, image root, CHAIR vocabularies) of `synthetic` or a question file."""
+    from workloads.evaluation import SYNTHETIC_SUITE, synthetic_chair_vocabularies, synthetic_questions
+
+    if suite == SYNTHETIC_SUITE:
+        s = synthetic or SyntheticSuite()
+        if storage.is_s3(out_dir):
+            raise ValueError("the synthetic suite renders its images locally: give a local output folder")
+        rows = min(s.rows, limit) if limit else s.rows
+        questions, root = synthetic_questions(
+            Path(out_dir) / "suite", rows=rows, seed=s.seed, max_objects=s.max_objects, image_size=s.image_size, kinds=s.kinds
+        )
+        return questions, root, synthetic_chair_vocabularies()
+    if not storage.exists(suite):
+        raise FileNotFoundError(f"--suite: {suite} is neither 'synthetic' nor an existing question file")
+    root = image_root or (posixpath.dirname(suite) if storage.is_s3(suite) else str(Path(suite).resolve().parent))
+    return load_question_file(suite, limit=limit, default_kind=default_kind), root, None
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def run_eval(
+    model_dir: str,
+    suites: list[str] | str,
+    output: str,
+    *,
+    options: EvalOptions | None = None,
+    image_root: str | None = None,
+    max_rows: int | None = None,
+    kind: str | None = None,
+    prepared: str | None = None,
+    config=None,
+    chat_template: str | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    synthetic: SyntheticSuite | None = None,
+) -> dict[str, SuiteResult]:
+    """`l2t eval`: every suite evaluated into `output/<suite name>/`; `output/metrics.json` holds all of them."""
+    from orchestrator.cluster import connect
+
+    connect()
+    options = options or EvalOptions()
+    suites = [suites] if isinstance(suites, str) else list(suites)
+    spec_kwargs = encode_spec_kwargs(
+        model_dir, chat_template=chat_template, system_prompt=system_prompt, max_length=max_length, prepared=prepared, config=config
+    )
+    synthetic = synthetic or SyntheticSuite.from_config(config)
+    output = storage.absolute(output)
+    results: dict[str, SuiteResult] = {}
+    for suite in suites:
+        name = suite_name(suite)
+        if name in results:
+            raise ValueError(f"two suites named {name!r}; evaluate them into different outputs")
+        out_dir = storage.join(output, name)
+        questions, root, vocabularies = load_suite(suite, out_dir, image_root=image_root, limit=max_rows, default_kind=kind, synthetic=synthetic)
+        log(f"[eval] {name}: {len(questions)} questions, chat template {spec_kwargs['template']}, {options.null_image} V=∅ -> {out_dir}")
+        results[name] = evaluate_questions(
+            model_dir, questions, spec_kwargs, root, options, out_dir, suite=suite, chair_vocabularies=vocabularies,
+            extra={"image_root": root, **({"synthetic": asdict(synthetic)} if name == "synthetic" else {})},
+        )
+    storage.write_text(
+        storage.join(output, METRICS_FILE),
+        json.dumps({"model_dir": str(model_dir), "suites": {k: v.metrics for k, v in results.items()}}, indent=2, sort_keys=True),
+    )
+    return results
+
+
+def options_from_config(cfg) -> EvalOptions:
+    """EvalOptions from an experiment's `eval` section (fields it lacks keep their defaults)."""
+    e = cfg.eval
+    return EvalOptions(
+        null_image=e.null_image,
+        max_new_tokens=e.max_new_tokens,
+        num_beams=getattr(e, "num_beams", 1),
+        batch_size=e.batch_size,
+        seed=e.seed,
+        use_gpu=getattr(e, "use_gpu", None) if getattr(e, "use_gpu", None) is not None else cfg.train.use_gpu,
+        concurrency=getattr(e, "concurrency", None),
+        cpus_per_actor=getattr(e, "cpus_per_actor", None),
+    )
+
+
+def evaluate_model(cfg, model_dir: str, prepared, out_file: str) -> dict[str, float]:
+    """Held-out evaluation of an exported model on `data.eval_file` (drop-in for
+    pipeline.evaluate_model): per-sample rows go to `out_file` (JSONL), with a Parquet copy and the
+    metrics beside it (`<stem>.parquet`, `<stem>.metrics.json`)."""
+    if not cfg.data.eval_file:
+        return {}
+    from workloads.task_templates import TaskTemplateList
+
+    templates = TaskTemplateList.from_dict(json.loads(storage.read_text(prepared.task_templates_file))).sentences()
+    spec_kwargs = {
+        "template": cfg.data.chat_template,
+        "num_image_tokens": prepared.manifest["num_image_tokens"],
+        "max_length": cfg.data.max_length,
+        "task_templates": tuple(templates),
+        "system_prompt": cfg.data.system_prompt,
+    }
+    questions = load_question_file(cfg.data.eval_file, limit=cfg.eval.max_rows)
+    options = options_from_config(cfg)
+    rows = batch_inference(model_dir, questions, spec_kwargs, cfg.data.image_root, options)
+    from workloads.evaluation import summarize
+
+    metrics = summarize(rows)
+    stem = out_file[: -len(".jsonl")] if out_file.endswith(".jsonl") else out_file
+    write_samples(rows, out_file, stem + ".parquet")
+    storage.write_text(stem + ".metrics.json", json.dumps({"model_dir": str(model_dir), "eval_file": cfg.data.eval_file, "options": asdict(options), "metrics": metrics}, indent=2, sort_keys=True))
+    return metrics
+
+
+# ---------------------------------------------------------------- the `l2t eval` command
+
+
+def resolve_options(cfg=None, **flags) -> EvalOptions:
+    """EvalOptions: each flag that is not None, else the config's `eval` section, else the defaults."""
+    base = options_from_config(cfg) if cfg is not None else EvalOptions()
+    return EvalOptions(**{**asdict(base), **{k: v for k, v in flags.items() if v is not None}})
+
+
+def metrics_table(results: dict[str, SuiteResult]):
+    """The headline metrics of each suite side by side (a rich Table)."""
+    from rich.table import Table
+
+    shown = (
+        ("questions", "eval_samples", "{:.0f}"), ("accuracy", "accuracy", "{:.1%}"), ("exact match", "exact_match", "{:.1%}"),
+        ("VC / token", "vc_mean", "{:+.3f}"), ("VC / sample", "vc_sum", "{:+.3f}"), ("VC > 0", "vc_positive_share", "{:.1%}"),
+        ("POPE F1", "pope_f1", "{:.3f}"), ("POPE yes ratio", "pope_yes_ratio", "{:.1%}"), ("caption CIDEr-D", "caption_cider", "{:.3f}"),
+        ("caption BLEU-4", "caption_bleu4", "{:.3f}"), ("CHAIR_i", "chair_i", "{:.1%}"), ("CHAIR_s", "chair_s", "{:.1%}"),
+    )
+    table = Table(title="evaluation")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    kinds = sorted({k for r in results.values() for k in r.metrics if k.startswith("accuracy_")})
+    rows = list(shown) + [(f"  {k}", k, "{:.1%}") for k in kinds]
+    for label, key, fmt in rows:
+        values = [r.metrics.get(key) for r in results.values()]
+        if any(v is not None for v in values):
+            table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))
+    return table
+
+
+def eval_command(
+    model_dir: Annotated[str, typer.Argument(help='An exported model folder (l2t train writes <storage>/models/<run>/model) or a hub id.')],
+    suite: Annotated[Optional[list[str]], typer.Option('--suite', help='`synthetic` (held-out synthetic scenes) or a LLaVA-style question file (JSONL/JSON, local or s3://: question_id, image, text, answer/answers/label, choices). Repeatable.')] = None,
+    output: Annotated[Path, typer.Option(help='Folder for <suite>/samples.jsonl, samples.parquet, metrics.json.')] = Path("l2t_eval"),
+    config: Annotated[Optional[Path], typer.Option('--config', help='Experiment config: chat template, system prompt, max length, eval settings, and the synthetic suite (data.synthetic).')] = None,
+    prepared: Annotated[Optional[str], typer.Option(help='Prepared-data folder of the training run: chat template, max length, task templates.')] = None,
+    chat_template: Annotated[Optional[str], typer.Option(help='Chat template the model was trained with (vicuna_v1, llama3, qwen2, phi, plain, tokenizer).')] = None,
+    image_root: Annotated[Optional[str], typer.Option(help='Folder (or s3:// prefix) that image paths in question files are relative to; default: the folder of the question file.')] = None,
+    max_rows: Annotated[Optional[int], typer.Option(help='Evaluate at most this many questions per suite.')] = None,
+    kind: Annotated[Optional[str], typer.Option(help='Question kind for rows without one (e.g. pope, caption, vqa).')] = None,
+    null_image: Annotated[Optional[str], typer.Option(help='V=∅ for visual contribution: noise, blank or none.')] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help='Generation budget per answer.')] = None,
+    num_beams: Annotated[Optional[int], typer.Option(help='Beam search width (1: greedy).')] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help='Questions per actor batch.')] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help='Model actors (default: one per GPU, or one per 4 CPUs).')] = None,
+    gpu: Annotated[Optional[bool], typer.Option('--gpu/--cpu', help='One GPU per actor.')] = None,
+    seed: Annotated[Optional[int], typer.Option(help='Seed of the noise images.')] = None,
+    synthetic_rows: Annotated[Optional[int], typer.Option(help='Questions in the synthetic suite (default: data.synthetic.eval_rows, else 200).')] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help='Dotted overrides of --config, e.g. eval.null_image=blank', show_default=False)] = None,
+) -> None:
+    """Evaluate a trained model: batch inference on Ray Data, accuracy, VC, POPE, CIDEr/BLEU-4, CHAIR."""
+    import typer
+    from rich.console import Console
+
+    from orchestrator.config import ConfigError, load_config
+    from workloads.evaluation import QuestionError
+
+    console, err = Console(), Console(stderr=True)
+    try:
+        cfg = load_config(config, overrides or []) if config else None
+        if overrides and cfg is None:
+            raise ConfigError("dotted overrides need --config")
+        options = resolve_options(
+            cfg, null_image=null_image, max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
+            concurrency=concurrency, use_gpu=gpu, seed=seed,
+        )
+        if options.null_image not in ("noise", "blank", "none"):
+            raise ConfigError(f"--null-image must be noise, blank or none, got {options.null_image!r}")
+        synthetic = SyntheticSuite.from_config(cfg, synthetic_rows)
+        results = run_eval(
+            model_dir, suite or ["synthetic"], str(output), options=options, image_root=image_root, max_rows=max_rows,
+            kind=kind, prepared=prepared, config=cfg, chat_template=chat_template, synthetic=synthetic,
+        )
+    except (ConfigError, QuestionError, FileNotFoundError, ValueError) as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2)
+    console.print(metrics_table(results))
+    for name, result in results.items():
+        console.print(f"{name}: {result.samples_jsonl}  {result.samples_parquet}")
