@@ -766,8 +766,11 @@ def preparation_inputs(cfg: ExperimentConfig, files: list[str], model_dir: str) 
 
 
 def preparation_key(cfg: ExperimentConfig, files: list[str], model_dir: str) -> str:
-    """Hash of everything that determines the prepared output."""
-    inputs = preparation_inputs(cfg, files, model_dir)
+    """Hash of everything that determines the prepared output: the name of its folder."""
+    return _key(preparation_inputs(cfg, files, model_dir))
+
+
+def _key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -789,7 +792,7 @@ def prepare(
 
     files = list_source_files(cfg.data.sources)
     inputs = preparation_inputs(cfg, files, model_dir)
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    key = _key(inputs)
     out = storage.join(storage.absolute(cfg.storage.path), "prepared", key)
     manifest_uri = storage.join(out, "manifest.json")
     if storage.exists(manifest_uri) and not force:

@@ -71,7 +71,7 @@ EXCLUDES = [
     "l2t_compare/",
     "*.egg-info/",
 ]
-RUN_ID_IN_LOGS = re.compile(r"MLflow (parent run|run)\s+([0-9a-f]{32})")
+RUN_ID_IN_LOGS = re.compile(r"MLflow\s+(parent\s+run|run)\s+([0-9a-f]{32})")  # rich may wrap the line anywhere
 
 
 class SubmitError(RuntimeError):
@@ -208,6 +208,8 @@ def plan_submission(
                 "(e.g. storage.path=s3://my-bucket/l2t)"
             )
         warnings.append(f"storage.path {store} is local to each node: fine for a one-machine cluster, not for several")
+    if cfg.data.synthetic is not None and store.startswith("s3://"):
+        warnings.append("data.synthetic is generated on local disk: with an s3:// storage.path, generate it once, upload it and set data.sources")
     if not cfg.tracking.uri:
         warnings.append(
             "tracking.uri is unset: MLflow runs go to a SQLite file under storage.path on the cluster; "
@@ -384,7 +386,7 @@ def mlflow_runs_in(logs: str) -> list[tuple[str, str]]:
     for kind, run_id in RUN_ID_IN_LOGS.findall(logs):
         if run_id not in seen:
             seen.add(run_id)
-            out.append((kind, run_id))
+            out.append((" ".join(kind.split()), run_id))
     return out
 
 

@@ -326,7 +326,8 @@ def test_submit_plans_a_sweep_job_from_the_working_directory(in_repo):
     cfg = load_config(REPO / "configs/lambda_grid.yaml", ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", "train.lr=1e-4"])
     assert plan.metadata["l2t.sweep"] == sweep_name(cfg) and plan.metadata["l2t.command"] == "sweep"
     assert all(isinstance(v, str) for v in plan.metadata.values())
-    assert plan.tracking_uri == "http://mlflow:5000" and plan.warnings == []
+    assert plan.tracking_uri == "http://mlflow:5000"
+    assert len(plan.warnings) == 1 and "data.synthetic" in plan.warnings[0], "the synthetic set can't be generated on S3"
     train = _plan(sweep=False, entrypoint_num_gpus=1, entrypoint_resources={"head": 0.01}, pip=["wandb==0.21"])
     assert train.entrypoint.startswith("python -m orchestrator.cli train ") and "metadata" in train.submit_kwargs()
     kwargs = train.submit_kwargs()
@@ -402,7 +403,7 @@ def test_submit_finds_mlflow_runs_in_driver_logs_and_links_them():
     from orchestrator.submit import mlflow_link, mlflow_runs_in
 
     a, b = "a" * 32, "0123456789abcdef" * 2
-    logs = f"...\nsweep x: 2 trials; MLflow parent run\n{a} in http://m:5000\nMLflow run {b} in sqlite:///x.db\nMLflow parent run {a} in ...\n"
+    logs = f"...\nsweep x: 2 trials; MLflow parent\nrun\n{a} in http://m:5000\nMLflow run {b} in sqlite:///x.db\nMLflow parent run {a} in ...\n"
     assert mlflow_runs_in(logs) == [("parent run", a), ("run", b)]
     assert mlflow_link("http://127.0.0.1:9", a) == f"http://127.0.0.1:9 (run {a})"  # no server: the run id and where
     assert mlflow_link(None, a) == f"run {a} in a SQLite store under storage.path on the cluster"

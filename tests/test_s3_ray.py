@@ -17,7 +17,8 @@ import pytest
 
 from conftest import experiment_config
 
-pytestmark = pytest.mark.ray
+# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
+pytestmark = [pytest.mark.ray, pytest.mark.wip]
 
 BUCKET = "l2t-test"
 

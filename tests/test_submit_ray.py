@@ -32,7 +32,8 @@ import yaml
 
 from conftest import experiment_config
 
-pytestmark = pytest.mark.ray
+# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
+pytestmark = [pytest.mark.wip, pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -254,7 +255,7 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
             masking={"mode": "l2t"},
             # 2 trials x 2 workers x 0.4 CPU leave room on 2 CPUs for Ray Data's per-rank tasks (0.05 CPU each).
             train={"max_steps": 4, "log_every": 2, "checkpoint_every": 2, "micro_batch_size": 8, "cpus_per_worker": 0.4},
-            eval={"max_rows": 16},
+            eval={"max_rows": 8},
             tracking={"uri": mlflow_server, "experiment": experiment},
             sweep=sweep,
         )

@@ -15,7 +15,8 @@ import yaml
 
 from conftest import experiment_config
 
-pytestmark = pytest.mark.ray
+# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
+pytestmark = [pytest.mark.ray, pytest.mark.wip]
 
 
 def _sweep_config(storage, tracking_uri, experiment, **sweep):
