@@ -111,6 +111,11 @@ def sweep(config: Path, overrides: Overrides = None) -> None:
     console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {storage.redact(tracking_uri(cfg))}")
 
 
+from orchestrator.submit import command as submit_command  # noqa: E402
+
+app.command("submit")(submit_command)
+
+
 def _default_metrics() -> list[str]:
     from orchestrator.compare import DEFAULT_METRICS
 
