@@ -59,11 +59,8 @@ def _s3_options() -> dict:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    access_key, secret_key = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if access_key and secret_key:
-        kwargs["access_key"], kwargs["secret_key"] = access_key, secret_key
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # No keys here: a filesystem built with explicit keys pickles them, and Ray Tune writes its
+    # filesystem into tuner.pkl on the storage path. Every process takes them from the AWS chain.
     return kwargs
 
 
