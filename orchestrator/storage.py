@@ -4,8 +4,9 @@ Ray Data and Ray Train already speak pyarrow filesystems, so every file l2t
 writes itself (manifests, template lists, metric logs) goes the same way.
 Credentials come only from the standard AWS chain (environment, profile,
 instance role); `AWS_ENDPOINT_URL` points at an S3-compatible endpoint. A
-filesystem object made here carries the endpoint (and keys taken from the
-environment) to the Ray workers it is pickled to.
+filesystem object made here carries the endpoint and region to the Ray
+workers it is pickled to, never the keys: each process takes those from its
+own AWS chain.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or an s3:// URI.
 
     The S3 filesystem is configured from this process's environment
-    (`AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`, and the key pair when it is set
-    there) and carries that configuration when pickled: Ray workers that get
-    it (Ray Data reads and writes, validation tasks) reach the same endpoint
-    with the same credentials even when their own environment lacks them.
-    Without keys in the environment each process uses the standard AWS chain
-    (profile, instance role).
+    (`AWS_ENDPOINT_URL[_S3]`, `AWS_REGION`) and carries that when pickled:
+    Ray workers that get it (Ray Data reads and writes, validation tasks)
+    reach the same endpoint. Keys are never put into it (Ray Tune writes the
+    pickled filesystem to the storage path); every process takes them from
+    the standard AWS chain (environment, profile, instance role), so on a
+    cluster they must reach the workers the same way (runtime_env env_vars,
+    instance roles, IRSA on KubeRay).
     """
     if is_s3(uri):
         bucket_and_key = uri[len("s3://") :]

@@ -309,7 +309,17 @@ def color_set(tmp_path_factory):
     return records, out, questions, root
 
 
-def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without_images(tiny_model_dir, color_set):
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on this 2-core machine under load, 2 threads ran these steps 30x slower
+    (57 s vs 1.9 s for 20 steps at load average 5, OpenMP threads waiting on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without_images(tiny_model_dir, color_set, one_torch_thread):
     records, train_root, questions, root = color_set
     results = {}
     for label, see in (("trained", True), ("never_saw_images", False)):

@@ -267,7 +267,8 @@ def test_rows_per_block_spreads_one_big_file(tmp_path):
     assert rows_per_block([str(big)], 64) < 16384
 
 
-def test_s3_filesystem_carries_endpoint_and_keys_to_workers(monkeypatch):
+def test_s3_filesystem_carries_the_endpoint_but_never_the_keys(monkeypatch):
+    """Ray Tune pickles the storage filesystem into tuner.pkl on the storage path: keys must not ride along."""
     from orchestrator import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5999")
@@ -278,5 +279,8 @@ def test_s3_filesystem_carries_endpoint_and_keys_to_workers(monkeypatch):
     assert path == "bucket/prefix"
     options = fs.__reduce__()[1][0]
     assert options["endpoint_override"] == "127.0.0.1:5999" and options["scheme"] == "http"
-    assert options["access_key"] == "testing-key" and options["region"] == "us-east-1"
-    assert pickle.loads(pickle.dumps(fs)).__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:5999"
+    assert options["region"] == "us-east-1"
+    assert not options.get("access_key") and not options.get("secret_key")
+    pickled = pickle.dumps(fs)
+    assert b"testing-secret" not in pickled and b"testing-key" not in pickled
+    assert pickle.loads(pickled).__reduce__()[1][0]["endpoint_override"] == "127.0.0.1:5999"
