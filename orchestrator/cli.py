@@ -19,6 +19,8 @@ config_app = typer.Typer(help="Validate configs and print their schema.", no_arg
 data_app = typer.Typer(help="Prepare, inspect and summarize data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+model_app = typer.Typer(help="Build model folders that `model.name_or_path` can point at.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
 
@@ -35,6 +37,26 @@ def _load(path: Path, overrides: list[str] | None):
         return load_config(path, overrides or [])
     except ConfigError as error:
         _fail(str(error))
+
+
+@model_app.command("compose")
+def model_compose(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (model, tokenizer with <image>, LlavaProcessor).")],
+    language_model: Annotated[str, typer.Option(help="Causal LM: hub id or folder, e.g. Qwen/Qwen2-0.5B.")],
+    vision_tower: Annotated[str, typer.Option(help="CLIP or SigLIP model: hub id or folder, e.g. google/siglip-so400m-patch14-384.")],
+    vision_feature_layer: Annotated[int, typer.Option(help="Hidden layer of the tower whose features go to the connector.")] = -2,
+    seed: Annotated[int, typer.Option(help="Seed of the fresh connector's weights.")] = 0,
+) -> None:
+    """TinyLLaVA-style composition: a pretrained LM and vision tower joined by a fresh connector,
+    saved as a LlavaForConditionalGeneration folder (then pre-train the connector with
+    model.freeze=connector_only and fine-tune with vision_tower)."""
+    from workloads.model import compose_llava
+
+    try:
+        out = compose_llava(out_dir, language_model, vision_tower, vision_feature_layer=vision_feature_layer, seed=seed)
+    except (OSError, ValueError) as error:
+        _fail(str(error))
+    console.print(f"[green]wrote[/green] {out}")
 
 
 @config_app.command("validate")
@@ -111,9 +133,11 @@ def sweep(config: Path, overrides: Overrides = None) -> None:
     console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {storage.redact(tracking_uri(cfg))}")
 
 
+from orchestrator.evaluate import eval_command  # noqa: E402
 from orchestrator.submit import command as submit_command  # noqa: E402
 
 app.command("submit")(submit_command)
+app.command("eval")(eval_command)
 
 
 def _default_metrics() -> list[str]:

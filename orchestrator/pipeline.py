@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.evaluate import evaluate_model
 from orchestrator.prepare import PreparedData, prepare
 from orchestrator.train import TrainResult, run_train
 
@@ -141,54 +142,6 @@ def resolve_model(cfg: ExperimentConfig) -> str:
         )
         build_tiny_model(out, _corpus([f for f in files if not storage.is_s3(f)], cfg.data.chat_template), spec)
     return str(out)
-
-
-def read_questions(path: str, limit: int) -> list[dict]:
-    rows = []
-    for line in storage.read_text(path).splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-        if len(rows) >= limit:
-            break
-    return rows
-
-
-def evaluate_model(cfg: ExperimentConfig, model_dir: str, prepared: PreparedData, out_file: str) -> dict[str, float]:
-    """Held-out evaluation of an exported model; per-sample results go to `out_file` (JSONL)."""
-    if not cfg.data.eval_file:
-        return {}
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
-
-    from workloads.evaluation import evaluate, sample_rows
-    from workloads.segments import EncodeSpec
-    from workloads.task_templates import TaskTemplateList
-
-    templates = TaskTemplateList.from_dict(json.loads(storage.read_text(prepared.task_templates_file)))
-    spec = EncodeSpec(
-        template=cfg.data.chat_template,
-        num_image_tokens=prepared.manifest["num_image_tokens"],
-        max_length=cfg.data.max_length,
-        task_templates=templates.sentences(),
-        system_prompt=cfg.data.system_prompt,
-    )
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    questions = read_questions(cfg.data.eval_file, cfg.eval.max_rows)
-    metrics, samples = evaluate(
-        model,
-        tokenizer,
-        image_processor,
-        questions,
-        cfg.data.image_root,
-        spec,
-        null_image=cfg.eval.null_image,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.eval.seed,
-    )
-    storage.write_text(out_file, "".join(json.dumps(r) + "\n" for r in sample_rows(samples)))
-    return metrics
 
 
 def mask_example_html(cfg: ExperimentConfig, prepared: PreparedData, model_dir: str, out_uri: str, rows: int = 3) -> str:

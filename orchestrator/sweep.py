@@ -27,7 +27,9 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.cluster import cluster_cpus
 from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict
-from orchestrator.pipeline import evaluate_model, log, mask_example_html, prepare_inputs, with_overrides
+from orchestrator.evaluate import evaluate_model
+from orchestrator.pipeline import log, mask_example_html, prepare_inputs, with_overrides
+from orchestrator.train import LIGHT_TASK_CPUS
 from orchestrator.prepare import PreparedData
 
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
@@ -75,7 +77,9 @@ def trial_layout(cfg: ExperimentConfig, points: int) -> tuple[int, float]:
         return cfg.sweep.max_concurrent_trials or points, cfg.train.cpus_per_worker or 1.0
     cpus = cluster_cpus()
     concurrent = cfg.sweep.max_concurrent_trials or max(1, min(points, int(cpus // (workers * 0.5))))
-    per_worker = cfg.train.cpus_per_worker or math.floor(100 * (cpus - TRIAL_CPU * concurrent) / (concurrent * workers)) / 100
+    # Beside its workers each trial holds its trial function and one row-selecting Ray Data task per rank.
+    per_trial_extra = TRIAL_CPU + workers * LIGHT_TASK_CPUS
+    per_worker = cfg.train.cpus_per_worker or math.floor(100 * (cpus - per_trial_extra * concurrent) / (concurrent * workers)) / 100
     if per_worker <= 0:
         raise ConfigError(f"sweep: {concurrent} concurrent trials of {workers} workers do not fit {cpus:g} CPUs")
     return concurrent, min(per_worker, 1.0)

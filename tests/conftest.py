@@ -32,8 +32,38 @@ def tiny_model_dir(synthetic_data, tmp_path_factory) -> str:
     return str(out)
 
 
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """moto's S3 server on loopback for the session, in this process's AWS environment (dummy keys).
+
+    Set before the session's Ray cluster starts, so its workers find the endpoint and the keys
+    through the standard AWS chain, as cluster nodes do (instance roles, IRSA): l2t never ships
+    keys to workers itself.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     """One local Ray cluster for every Ray test of the session (start-up costs seconds)."""
     import ray
 

@@ -28,7 +28,7 @@ AWS_YAML = INFRA / "aws" / "cluster.yaml"
 RAYCLUSTER = INFRA / "kuberay" / "raycluster.yaml"
 RAYJOB = INFRA / "kuberay" / "rayjob-sweep.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
-EXPERIMENT = INFRA / "experiments" / "llava15_7b_lambda_grid.yaml"
+EXPERIMENT = REPO / "configs" / "llava15_7b_lambda_grid.yaml"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 WORLD = {"0.0.0.0/0", "::/0"}
 KEY_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key\s*[:=]", r"(?i)secret_access_key", r"(?i)BEGIN [A-Z ]*PRIVATE KEY")]
@@ -223,7 +223,7 @@ def test_kuberay_rayjob_runs_a_sweep_on_a_cluster_of_its_own():
     (volume,) = [name for name, v in volumes.items() if "configMap" in v]
     assert Path(mounts[volume]) == config_path.parent
     assert volumes[volume]["configMap"]["name"] == "l2t-experiment"
-    assert f"--from-file={config_path.name}=infra/experiments/" in RAYJOB.read_text()
+    assert f"--from-file={config_path.name}=configs/" in RAYJOB.read_text()
     _no_credentials(RAYJOB)
 
 

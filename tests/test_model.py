@@ -196,3 +196,17 @@ def test_mfu_uses_the_gpu_peak(monkeypatch):
     assert mfu(989e12 * 0.4 * 2, 1.0, 2, "NVIDIA H100 80GB HBM3") == pytest.approx(0.4)
     monkeypatch.setenv("L2T_PEAK_TFLOPS", "100")
     assert mfu(50e12, 1.0, 1, "anything") == pytest.approx(0.5)
+
+
+def test_cli_model_compose_writes_a_loadable_folder_and_names_a_missing_part(parts, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    out = tmp_path / "tinyllava"
+    result = CliRunner().invoke(app, ["model", "compose", str(out), "--language-model", str(parts / "lm"), "--vision-tower", str(parts / "siglip-vision")])
+    assert result.exit_code == 0, result.output
+    assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "LlavaForConditionalGeneration"
+    missing = CliRunner().invoke(app, ["model", "compose", str(tmp_path / "x"), "--language-model", str(tmp_path / "no-lm"), "--vision-tower", str(parts / "siglip-vision")])
+    assert missing.exit_code == 2 and "no-lm" in missing.output
