@@ -7,7 +7,10 @@ and image loading happen once, on the driver, for the whole sweep.
 
 A sweep's name (and so its folder) is a hash of its config, so running the
 same command again restores the Tune experiment: finished trials are kept,
-unfinished and errored ones run again.
+unfinished and errored ones run again. A trial that wrote its summary
+(`trials/<id>.json`) before the driver died, but after Tune last saved its
+state, is not retrained: it reports the stored result again. An unfinished
+trial's Train run continues from its last checkpoint.
 
 MLflow is written by the driver only (one parent run per sweep, one child
 per trial), after trials finish: the default SQLite store does not take
@@ -104,6 +107,15 @@ def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_p
     prepared = PreparedData.load(prepared_path)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = f"{Path(sweep_path).name}-{trial_id}"
+    summary_uri = storage.join(sweep_path, TRIALS_DIR, f"{trial_id}.json")
+    if storage.exists(summary_uri):
+        # Finished before the driver died, but Tune had not saved that: report it again, don't retrain.
+        from orchestrator.train import read_history
+
+        summary = json.loads(storage.read_text(summary_uri))
+        history = read_history(storage.join(summary["run_path"], "metrics.jsonl"))
+        _report_final(history[-1] if history else {}, summary["eval"])
+        return
     trained = run_train(cfg, prepared, model_dir, run_name, callbacks=[TuneReportCallback()], dataset=dataset)
     samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
     eval_metrics = evaluate_model(cfg, trained.model_dir, prepared, samples_file)
@@ -117,9 +129,14 @@ def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_p
         "eval": eval_metrics,
         "eval_samples": samples_file,
     }
-    storage.write_text(storage.join(sweep_path, TRIALS_DIR, f"{trial_id}.json"), json.dumps(summary, indent=2))
-    last = trained.history[-1] if trained.history else {}
-    ray.tune.report({**{k: v for k, v in last.items() if isinstance(v, (int, float))}, **{f"eval/{k}": v for k, v in eval_metrics.items()}, "evaluated": 1})
+    storage.write_text(summary_uri, json.dumps(summary, indent=2))
+    _report_final(trained.history[-1] if trained.history else {}, eval_metrics)
+
+
+def _report_final(last_step: dict[str, Any], eval_metrics: dict[str, float]) -> None:
+    import ray.tune
+
+    ray.tune.report({**{k: v for k, v in last_step.items() if isinstance(v, (int, float))}, **{f"eval/{k}": v for k, v in eval_metrics.items()}, "evaluated": 1})
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:

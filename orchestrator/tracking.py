@@ -86,11 +86,12 @@ def log_training_run(
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    tags = {"l2t.kind": "trial", "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    commit = git_commit()
+    tags = {"l2t.kind": "trial", "mlflow.source.git.commit": commit, **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        flat = storage.redact({**cfg.flat(), **params})
+        flat = storage.redact({**cfg.flat(), "git.commit": commit, **params})
         mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         curve = [
             Metric(key=f"train/{k}", value=float(v), timestamp=0, step=int(row["step"]))

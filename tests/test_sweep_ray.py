@@ -80,7 +80,7 @@ def test_interrupted_sweep_resumes_only_missing_trials_and_compares(ray_cluster,
     for child in children:
         params = child.data.params
         assert params["masking.mode"] == "l2t" and params["masking.lambda_instruction"] in ("0.0", "1.0")
-        assert params["prepared.key"] and params["sweep.name"] == result.name and params["train.lr"]
+        assert params["prepared.key"] and params["sweep.name"] == result.name and params["train.lr"] and params["git.commit"]
         assert "eval/accuracy" in child.data.metrics and "eval/vc_mean" in child.data.metrics
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss_response")] == [2, 4, 6]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
