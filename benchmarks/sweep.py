@@ -13,7 +13,8 @@ cluster (``orchestrator.cluster.connect``, as ``l2t sweep`` does):
     logging), and the best point by ``sweep.metric`` (eval/accuracy);
 (2) the same grid with ASHA (``sweep.asha.enabled=true``; grace period and
     reduction factor from ``--asha-grace-period`` / ``--asha-reduction-factor``,
-    counted in Tune reports, i.e. ``train.log_every`` steps each):
+    rungs in optimizer steps; ASHA compares ``sweep.asha.metric``, a training
+    metric, at each rung):
     ``asha_steps_saved_share`` = 1 - (training steps the ASHA trials ran) /
     (trials x ``train.max_steps``), and ``asha_same_best``: does ASHA pick the
     full grid's best λ point?
@@ -84,12 +85,12 @@ def base_config(args, storage: Path):
 
 
 def asha_settings(args, cfg) -> dict:
-    """Grace period / reduction factor in Tune reports (one per `log_every` steps, plus the final and the eval report)."""
-    reports = -(-cfg.train.max_steps // cfg.train.log_every) + 1  # run_sweep's max_t
-    grace = args.asha_grace_period or max(1, reports // 6)  # 300 steps, log_every 10: 5 reports = 50 steps
+    """Grace period (optimizer steps) and reduction factor; the rungs they give (run_sweep's max_t is max_steps + 1)."""
+    max_t = cfg.train.max_steps + 1
+    grace = args.asha_grace_period or max(1, cfg.train.max_steps // 6)  # 300 steps: first rung at step 50
     factor = args.asha_reduction_factor
     rungs, t = [], grace
-    while t < reports:
+    while t < max_t:
         rungs.append(t)
         t = int(t * factor) if float(t * factor).is_integer() else t * factor
     return {
@@ -97,9 +98,8 @@ def asha_settings(args, cfg) -> dict:
         "sweep.asha.grace_period": grace,
         "sweep.asha.reduction_factor": factor,
         **({"sweep.asha.metric": args.asha_metric} if args.asha_metric else {}),
-        "_max_t_reports": reports,
-        "_rungs_reports": rungs,
-        "_rungs_steps": [min(r * cfg.train.log_every, cfg.train.max_steps) for r in rungs],
+        "_max_t_steps": max_t,
+        "_rungs_steps": rungs,
     }
 
 
@@ -206,6 +206,11 @@ def heatmap(cfg, sweep: dict, out_dir: Path, target: Path) -> dict:
     return {"best_runs": comparison.best, "runs": len(comparison.runs), "heatmap": copied, "compare_s": round(time.perf_counter() - started, 1)}
 
 
+def write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "lambda_grid.yaml")
@@ -214,7 +219,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--log-every", type=int, default=None, help="train.log_every, i.e. steps per Tune report (default: the config's, 10)")
     parser.add_argument("--grid-size", type=int, default=None, help="only the first K values of each λ axis (K x K trials)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="sweep.max_concurrent_trials (default: derived from the cluster)")
-    parser.add_argument("--asha-grace-period", type=int, default=None, help="Tune reports before ASHA may stop a trial (default: ~1/6 of a trial's reports)")
+    parser.add_argument("--asha-grace-period", type=int, default=None, help="optimizer steps before ASHA may stop a trial (default: 1/6 of the steps)")
     parser.add_argument("--asha-reduction-factor", type=float, default=3.0)
     parser.add_argument("--asha-metric", default=None, help="sweep.asha.metric (default: the config's, loss_response)")
     parser.add_argument("--skip-asha", action="store_true")
@@ -286,6 +291,7 @@ def main(argv=None) -> dict:
         }
     )
     print(f"[bench] trials/hour: {result['trials_per_hour']:.1f} ({grid['completed']} trials in {grid['wall_s']:.0f} s)", flush=True)
+    write(args.output, {**result, "partial": "full grid only; the ASHA sweep had not finished"})
     if not args.skip_compare:
         try:
             result["compare"] = heatmap(grid_cfg, grid, workdir / "compare" / grid["name"], args.output.with_name(f"{args.output.stem}_heatmap.png"))
@@ -313,10 +319,9 @@ def main(argv=None) -> dict:
                 "asha_settings": {
                     "metric": asha_cfg.sweep.asha.metric,
                     "mode": asha_cfg.sweep.asha.mode,
-                    "grace_period_reports": asha_cfg.sweep.asha.grace_period,
+                    "grace_period_steps": asha_cfg.sweep.asha.grace_period,
                     "reduction_factor": asha_cfg.sweep.asha.reduction_factor,
-                    "max_t_reports": settings["_max_t_reports"],
-                    "rungs_reports": settings["_rungs_reports"],
+                    "max_t_steps": settings["_max_t_steps"],
                     "rungs_steps": settings["_rungs_steps"],
                     "steps_per_report": cfg.train.log_every,
                 },
@@ -339,8 +344,7 @@ def main(argv=None) -> dict:
     result["load_average_after"] = load_average()
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["workdir"] = str(workdir)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write(args.output, result)
     print(f"load average {result['load_average_before']} -> {result['load_average_after']}; wrote {args.output}", flush=True)
     if args.workdir is None and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

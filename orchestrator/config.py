@@ -190,8 +190,8 @@ class AshaConfig(_Strict):
     """Training metric compared across trials (`loss_response` does not scale with λ, unlike `loss`)."""
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher `metric` is better."""
-    grace_period: int = Field(2, ge=1)
-    """Reports a trial gets before it can be stopped."""
+    grace_period: int = Field(20, ge=1)
+    """Optimizer steps a trial runs before it can be stopped (the first rung; later rungs at grace_period x reduction_factor^k steps)."""
     reduction_factor: float = Field(2.0, gt=1.0)
     """Keep 1/reduction_factor of the trials at each rung."""
 

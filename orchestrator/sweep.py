@@ -179,9 +179,12 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         ASHAScheduler(
             metric=asha.metric,
             mode=asha.mode,
+            # Rungs in optimizer steps, not Tune reports: checkpoint reports and replays after a
+            # restart add reports. max_t past the last step keeps the final and eval reports alive.
+            time_attr="step",
             grace_period=asha.grace_period,
             reduction_factor=asha.reduction_factor,
-            max_t=max(1, -(-_total_steps(resolved, prepared) // resolved.train.log_every) + 1),
+            max_t=_total_steps(resolved, prepared) + 1,
         )
         if asha.enabled
         else FIFOScheduler()

@@ -103,7 +103,7 @@ def test_asha_stops_a_clearly_worse_trial(ray_cluster, mlflow_server, tmp_path):
         "sweep-asha",
         search="points",
         points=[{"train.lr": 3e-3}, {"train.lr": 1e-9}],
-        asha={"enabled": True, "metric": "loss_response", "grace_period": 1, "reduction_factor": 2},
+        asha={"enabled": True, "metric": "loss_response", "grace_period": 2, "reduction_factor": 2},
     )
     result = run_sweep(cfg)
     by_lr = {t["point"]["train.lr"]: t for t in result.trials}
