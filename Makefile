@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 OUTPUT ?= l2t_quickstart
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast test-ray test-wip bench clean
+.PHONY: install quickstart test test-fast test-ray bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,16 +25,13 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/l2t quickstart --output $(OUTPUT)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not wip" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -m "not ray and not wip" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not ray" $(PYTEST_ARGS)
 
 test-ray: $(VENV)/.installed
-	$(PY) -m pytest -m "ray and not wip" $(PYTEST_ARGS)
-
-test-wip: $(VENV)/.installed
-	$(PY) -m pytest -m wip $(PYTEST_ARGS)
+	$(PY) -m pytest -m ray $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/masking.py

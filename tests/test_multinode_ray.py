@@ -37,8 +37,7 @@ from pathlib import Path
 
 import pytest
 
-# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
-pytestmark = [pytest.mark.wip, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

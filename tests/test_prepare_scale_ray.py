@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import experiment_config
 
-# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
-pytestmark = [pytest.mark.ray, pytest.mark.wip]
+pytestmark = pytest.mark.ray
 
 
 def _messages(record: dict) -> dict:

@@ -32,8 +32,7 @@ import yaml
 
 from conftest import experiment_config
 
-# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
-pytestmark = [pytest.mark.wip, pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -15,8 +15,7 @@ import yaml
 
 from conftest import experiment_config
 
-# Not yet verified in CI (written at the end of a session under heavy load): run with `make test-wip`.
-pytestmark = [pytest.mark.ray, pytest.mark.wip]
+pytestmark = pytest.mark.ray
 
 
 def _sweep_config(storage, tracking_uri, experiment, **sweep):
