@@ -31,6 +31,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
 
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # same data order on every run and every resume
+    # l2t logs its own progress lines; Ray Data's bars, redrawn by every worker and forwarded to
+    # the driver, turn job logs and CI output into pages of terminal escape codes.
+    context.enable_progress_bars = False
 
 
 def cluster_cpus() -> float:
