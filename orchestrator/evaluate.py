@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,10 +64,6 @@ SAMPLE_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -406,6 +401,7 @@ def run_eval(
 ) -> dict[str, SuiteResult]:
     """`l2t eval`: every suite evaluated into `output/<suite name>/`; `output/metrics.json` holds all of them."""
     from orchestrator.cluster import connect
+    from orchestrator.pipeline import log  # not at the top: pipeline imports this module
 
     connect()
     options = options or EvalOptions()

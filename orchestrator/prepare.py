@@ -787,7 +787,6 @@ def prepare(
     `progress` receives human-readable status lines (None: silent). Ray Data's
     own progress bars are turned off meanwhile, so the two don't interleave.
     """
-    import ray
     from ray.data import DataContext
 
     files = list_source_files(cfg.data.sources)

@@ -1,7 +1,6 @@
 """Configs: every YAML loads, unknown keys fail with their dotted path, overrides apply."""
 
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
