@@ -51,27 +51,120 @@ from workloads.segments import EncodeSpec, Segment, encode_conversations, token_
 from workloads.tokenizer_factory import train_tokenizer  # noqa: E402
 
 VQA_SUFFIX = "Answer the question using a single word or phrase."
-CAPTION_PROMPTS = ("Describe the image briefly.", "Provide a one-sentence caption for the provided image.",
-                   "Summarize the visual content of the image.", "Give a brief description of the image.")
-DETAIL_PROMPTS = ("Describe the following image in detail.", "What do you see happening in this image?",
-                  "Can you elaborate on the elements of the picture provided?", "Explain the visual content of the image in great detail.")
-NOUNS = ("man", "woman", "dog", "cat", "bus", "train", "table", "plate", "pizza", "bicycle", "umbrella", "street",
-         "kitchen", "window", "giraffe", "elephant", "surfboard", "clock", "building", "tree", "car", "horse", "sign",
-         "laptop", "bench", "boat", "field", "sky", "shirt", "hat", "skateboard", "sandwich", "banana", "phone")
-ADJECTIVES = ("red", "white", "black", "blue", "small", "large", "wooden", "old", "green", "busy", "bright",
-              "yellow", "tall", "empty", "crowded", "sunny", "striped", "metal", "brown", "young")
-VERBS = ("standing", "sitting", "holding", "riding", "walking", "looking at", "parked near", "eating", "playing with",
-         "lying on", "waiting for", "carrying")
-PLACES = ("on the left", "in the background", "near the center", "on the right side", "in the foreground",
-          "next to the window", "under the tree", "on the table")
-QUESTIONS = ("What color is the {n}?", "What is the {n} doing?", "How many {n}s are there?", "Is the {n} {a}?",
-             "What is on the {n}?", "Where is the {n}?", "What kind of {n} is this?", "Is there a {n} in the image?",
-             "What is the man holding?", "What room is this?", "Which side of the photo is the {n} on?")
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Provide a one-sentence caption for the provided image.",
+    "Summarize the visual content of the image.",
+    "Give a brief description of the image.",
+)
+DETAIL_PROMPTS = (
+    "Describe the following image in detail.",
+    "What do you see happening in this image?",
+    "Can you elaborate on the elements of the picture provided?",
+    "Explain the visual content of the image in great detail.",
+)
+NOUNS = (
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "bus",
+    "train",
+    "table",
+    "plate",
+    "pizza",
+    "bicycle",
+    "umbrella",
+    "street",
+    "kitchen",
+    "window",
+    "giraffe",
+    "elephant",
+    "surfboard",
+    "clock",
+    "building",
+    "tree",
+    "car",
+    "horse",
+    "sign",
+    "laptop",
+    "bench",
+    "boat",
+    "field",
+    "sky",
+    "shirt",
+    "hat",
+    "skateboard",
+    "sandwich",
+    "banana",
+    "phone",
+)
+ADJECTIVES = (
+    "red",
+    "white",
+    "black",
+    "blue",
+    "small",
+    "large",
+    "wooden",
+    "old",
+    "green",
+    "busy",
+    "bright",
+    "yellow",
+    "tall",
+    "empty",
+    "crowded",
+    "sunny",
+    "striped",
+    "metal",
+    "brown",
+    "young",
+)
+VERBS = (
+    "standing",
+    "sitting",
+    "holding",
+    "riding",
+    "walking",
+    "looking at",
+    "parked near",
+    "eating",
+    "playing with",
+    "lying on",
+    "waiting for",
+    "carrying",
+)
+PLACES = (
+    "on the left",
+    "in the background",
+    "near the center",
+    "on the right side",
+    "in the foreground",
+    "next to the window",
+    "under the tree",
+    "on the table",
+)
+QUESTIONS = (
+    "What color is the {n}?",
+    "What is the {n} doing?",
+    "How many {n}s are there?",
+    "Is the {n} {a}?",
+    "What is on the {n}?",
+    "Where is the {n}?",
+    "What kind of {n} is this?",
+    "Is there a {n} in the image?",
+    "What is the man holding?",
+    "What room is this?",
+    "Which side of the photo is the {n} on?",
+)
 
 
 def sentence(rng: random.Random) -> str:
-    return (f"A {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} is {rng.choice(VERBS)} "
-            f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(PLACES)}.")
+    return (
+        f"A {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} is {rng.choice(VERBS)} "
+        f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(PLACES)}."
+    )
 
 
 def question(rng: random.Random) -> str:
@@ -84,8 +177,13 @@ def make_conversation(index: int, rng: random.Random) -> Conversation:
     if kind == "vqa":  # VQAv2/GQA rows: several short rounds, the template sentence on each
         for r in range(rng.randint(1, 8)):
             prefix = "<image>\n" if r == 0 else ""
-            turns += [Turn("user", f"{prefix}{question(rng)}\n{VQA_SUFFIX}"),
-                      Turn("assistant", rng.choice((rng.choice(ADJECTIVES), rng.choice(NOUNS), "Yes", "No", str(rng.randint(0, 9)))))]
+            turns += [
+                Turn("user", f"{prefix}{question(rng)}\n{VQA_SUFFIX}"),
+                Turn(
+                    "assistant",
+                    rng.choice((rng.choice(ADJECTIVES), rng.choice(NOUNS), "Yes", "No", str(rng.randint(0, 9)))),
+                ),
+            ]
     elif kind == "caption":
         turns += [Turn("user", f"<image>\n{rng.choice(CAPTION_PROMPTS)}"), Turn("assistant", sentence(rng))]
     elif kind == "detail":
@@ -208,8 +306,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--template", default="vicuna_v1")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--reference-rows", type=int, default=None,
-                        help="rows for the slow per-round reference (default: all; timing is scaled if fewer)")
+    parser.add_argument(
+        "--reference-rows",
+        type=int,
+        default=None,
+        help="rows for the slow per-round reference (default: all; timing is scaled if fewer)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "masking.json"))
     args = parser.parse_args(argv)
 
@@ -269,11 +371,15 @@ def main(argv=None) -> dict:
     print(f"(a) tokenize only         {floor_s:8.3f} s")
     print(f"(b) encode_conversations  {ours_s:8.3f} s   {result['rows_per_s']:.0f} rows/s")
     print(f"(c) per-round reference   {reference_s:8.3f} s")
-    print(f"ratio b/a {result['ratio_vs_tokenize']} (goal <= 1.3; CPU-time ratio {result['cpu_ratio_vs_tokenize']}), "
-          f"speedup c/b {result['speedup_vs_per_round']} (goal >= 5); load average {result['load_average_1min']}")
+    print(
+        f"ratio b/a {result['ratio_vs_tokenize']} (goal <= 1.3; CPU-time ratio {result['cpu_ratio_vs_tokenize']}), "
+        f"speedup c/b {result['speedup_vs_per_round']} (goal >= 5); load average {result['load_average_1min']}"
+    )
     if args.template == "vicuna_v1":
-        print(f"LLaVA's per-round code on these rows: {mismatched}/{len(reference_convs)} whole samples masked "
-              f"(tokenization mismatch), {wrong_labels} more with trained text other than the responses")
+        print(
+            f"LLaVA's per-round code on these rows: {mismatched}/{len(reference_convs)} whole samples masked "
+            f"(tokenization mismatch), {wrong_labels} more with trained text other than the responses"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

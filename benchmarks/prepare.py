@@ -155,7 +155,10 @@ def run_child(args, cpus: int, data: Path, model: Path, storage: Path) -> dict:
         sys.executable, __file__, "--child", "--cpus", str(cpus), "--data", str(data), "--model", str(model),
         "--storage", str(storage), "--pin" if args.pin else "--no-pin",
     ]  # fmt: skip
-    print(f"\n== prepare on a {cpus}-CPU Ray cluster{' pinned to ' + str(cpus) + ' core(s)' if args.pin else ''}", flush=True)
+    print(
+        f"\n== prepare on a {cpus}-CPU Ray cluster{' pinned to ' + str(cpus) + ' core(s)' if args.pin else ''}",
+        flush=True,
+    )
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_worker_niceness": str(args.worker_niceness)}
     process = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
@@ -178,7 +181,9 @@ def single_process_rows_per_s(data: Path, model: Path, rows: int) -> float:
     try:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         tokenizer = AutoTokenizer.from_pretrained(model)
-        spec = EncodeSpec("vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model)), 512, (SHORT_ANSWER_SENTENCE,))
+        spec = EncodeSpec(
+            "vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model)), 512, (SHORT_ANSWER_SENTENCE,)
+        )
         with open(data, encoding="utf-8") as handle:
             convs = [parse_record(json.loads(line)) for _, line in zip(range(rows), handle)]
         encode_conversations(convs[:256], tokenizer, spec)  # warm-up
@@ -197,12 +202,22 @@ def main(argv=None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=665_000)
     parser.add_argument("--cpus", default="1,2", help="comma-separated CPU counts, one Ray cluster each")
-    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="pin each run to as many cores as CPUs")
+    parser.add_argument(
+        "--pin", action=argparse.BooleanOptionalAction, default=True, help="pin each run to as many cores as CPUs"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per CPU count, interleaved; the fastest counts")
-    parser.add_argument("--worker-niceness", type=int, default=0,
-                        help="nice level of the Ray workers (RAY_worker_niceness; Ray's default is 15)")
-    parser.add_argument("--single-process-rows", type=int, default=50_000, help="rows for the single-process encode measurement")
-    parser.add_argument("--workdir", default=None, help="where data, model and outputs go (default: a temporary folder)")
+    parser.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=0,
+        help="nice level of the Ray workers (RAY_worker_niceness; Ray's default is 15)",
+    )
+    parser.add_argument(
+        "--single-process-rows", type=int, default=50_000, help="rows for the single-process encode measurement"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where data, model and outputs go (default: a temporary folder)"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -228,16 +243,24 @@ def main(argv=None) -> dict | None:
             r = run_child(args, cpus, data, model, storage)
             shutil.rmtree(storage, ignore_errors=True)
             attempts[cpus].append(r)
-            print(f"   {r['rows_in']:,} rows in {r['wall_s']:.1f} s = {r['rows_in'] / r['wall_s']:,.0f} rows/s, "
-                  f"{r['cpu_s']:.0f} CPU-s ({r['cpu_s'] / r['wall_s'] / cpus:.0%} of {cpus} core(s)); "
-                  f"stages {r['timings']}; load {r['load_average_before']} -> {r['load_average_after']}", flush=True)
+            print(
+                f"   {r['rows_in']:,} rows in {r['wall_s']:.1f} s = {r['rows_in'] / r['wall_s']:,.0f} rows/s, "
+                f"{r['cpu_s']:.0f} CPU-s ({r['cpu_s'] / r['wall_s'] / cpus:.0%} of {cpus} core(s)); "
+                f"stages {r['timings']}; load {r['load_average_before']} -> {r['load_average_after']}",
+                flush=True,
+            )
     runs = {cpus: min(results, key=lambda r: r["wall_s"]) for cpus, results in attempts.items()}  # best of --repeats
 
     single = single_process_rows_per_s(data, model, min(args.single_process_rows, args.rows))
     masking_file = REPO / "benchmarks" / "results" / "masking.json"
     masking = json.loads(masking_file.read_text()).get("rows_per_s") if masking_file.exists() else None
 
-    result: dict = {"rows": args.rows, "cpu_count": os.cpu_count(), "pinned": args.pin, "ray_worker_niceness": args.worker_niceness}
+    result: dict = {
+        "rows": args.rows,
+        "cpu_count": os.cpu_count(),
+        "pinned": args.pin,
+        "ray_worker_niceness": args.worker_niceness,
+    }
     for cpus, r in runs.items():
         result[f"rows_per_s_{cpus}cpu"] = round(r["rows_in"] / r["wall_s"], 1)
         result[f"wall_s_{cpus}cpu"] = round(r["wall_s"], 2)
@@ -272,21 +295,31 @@ def main(argv=None) -> dict | None:
         },
     }
 
-    print(f"\nrows {args.rows:,}, {os.cpu_count()} CPUs, {'pinned' if args.pin else 'not pinned'}, Ray workers at nice {args.worker_niceness}")
+    print(
+        f"\nrows {args.rows:,}, {os.cpu_count()} CPUs, {'pinned' if args.pin else 'not pinned'}, Ray workers at nice {args.worker_niceness}"
+    )
     for cpus in runs:
-        print(f"  {cpus} CPU: {result[f'rows_per_s_{cpus}cpu']:>9,.0f} rows/s   ({result[f'wall_s_{cpus}cpu']:.1f} s; "
-              f"{result[f'cpu_s_{cpus}cpu']:.0f} CPU-s, {result[f'cpu_utilization_{cpus}cpu']:.0%} of its cores busy; "
-              f"load average {result[f'load_average_{cpus}cpu'][0]} -> {result[f'load_average_{cpus}cpu'][1]})")
+        print(
+            f"  {cpus} CPU: {result[f'rows_per_s_{cpus}cpu']:>9,.0f} rows/s   ({result[f'wall_s_{cpus}cpu']:.1f} s; "
+            f"{result[f'cpu_s_{cpus}cpu']:.0f} CPU-s, {result[f'cpu_utilization_{cpus}cpu']:.0%} of its cores busy; "
+            f"load average {result[f'load_average_{cpus}cpu'][0]} -> {result[f'load_average_{cpus}cpu'][1]})"
+        )
     if "speedup_2cpu_vs_1cpu" in result:
-        print(f"  2 CPUs / 1 CPU: {result['speedup_2cpu_vs_1cpu']:.2f}x (goal >= {GOAL_SPEEDUP}); from CPU time, "
-              f"with every core busy: {result['cpu_bound_speedup_estimate']:.2f}x")
+        print(
+            f"  2 CPUs / 1 CPU: {result['speedup_2cpu_vs_1cpu']:.2f}x (goal >= {GOAL_SPEEDUP}); from CPU time, "
+            f"with every core busy: {result['cpu_bound_speedup_estimate']:.2f}x"
+        )
     print(f"  template statistics: {result['template_stats_s']:.1f} s (goal < {GOAL_TEMPLATE_STATS_S:.0f} s)")
     print(f"  total at {top} CPUs: {runs[top]['wall_s']:.1f} s (goal < {GOAL_TOTAL_S:.0f} s)")
-    print(f"  single-process encode_conversations on these rows: {single:,.0f} rows/s; "
-          f"prepare at {top} CPUs is {result[f'ratio_{top}cpu_vs_single_process_encode']:.2f}x that")
+    print(
+        f"  single-process encode_conversations on these rows: {single:,.0f} rows/s; "
+        f"prepare at {top} CPUs is {result[f'ratio_{top}cpu_vs_single_process_encode']:.2f}x that"
+    )
     if masking:
-        print(f"  benchmarks/masking.py rows_per_s {masking:,.0f}; prepare at {top} CPUs is "
-              f"{result[f'ratio_{top}cpu_vs_masking_benchmark']:.2f}x that")
+        print(
+            f"  benchmarks/masking.py rows_per_s {masking:,.0f}; prepare at {top} CPUs is "
+            f"{result[f'ratio_{top}cpu_vs_masking_benchmark']:.2f}x that"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

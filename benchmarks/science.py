@@ -46,10 +46,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODES = ("response", "l2t", "l2t_no_template")
 REPORTED = (
-    "vc_mean", "vc_sum", "vc_positive_share", "caption_cider", "caption_bleu4", "accuracy", "exact_match",
-    "accuracy_color", "accuracy_shape", "accuracy_count", "accuracy_exists", "pope_f1", "pope_yes_ratio",
-    "chair_i", "chair_s", "chair_i_shape", "chair_s_shape", "vc_mean_caption", "vc_mean_color", "vc_mean_shape",
-    "vc_mean_exists", "vc_mean_count",
+    "vc_mean",
+    "vc_sum",
+    "vc_positive_share",
+    "caption_cider",
+    "caption_bleu4",
+    "accuracy",
+    "exact_match",
+    "accuracy_color",
+    "accuracy_shape",
+    "accuracy_count",
+    "accuracy_exists",
+    "pope_f1",
+    "pope_yes_ratio",
+    "chair_i",
+    "chair_s",
+    "chair_i_shape",
+    "chair_s_shape",
+    "vc_mean_caption",
+    "vc_mean_color",
+    "vc_mean_shape",
+    "vc_mean_exists",
+    "vc_mean_count",
 )
 TRAINING = ("loss_response", "loss_instruction", "train_s")
 
@@ -67,13 +85,20 @@ def build_inputs(args, work: Path):
     from workloads.tiny_model import TinyModelSpec, build_tiny_model, num_image_tokens
 
     data = write_synthetic_dataset(
-        work / "data", train_rows=args.train_rows, eval_rows=0, seed=args.data_seed, max_objects=args.max_objects,
-        image_size=32, kinds=tuple(args.kinds),
+        work / "data",
+        train_rows=args.train_rows,
+        eval_rows=0,
+        seed=args.data_seed,
+        max_objects=args.max_objects,
+        image_size=32,
+        kinds=tuple(args.kinds),
     )
     records = [json.loads(line) for line in data.train_file.read_text().splitlines()]
     conversations = [parse_record(r) for r in records]
     counts, turns = count_sentences(conversations)
-    templates = select_task_templates(counts, turns, top_k=args.template_top_k, min_share=args.template_min_share).sentences()
+    templates = select_task_templates(
+        counts, turns, top_k=args.template_top_k, min_share=args.template_min_share
+    ).sentences()
 
     corpus = list(_corpus([str(data.train_file)], "vicuna_v1"))
     model_dirs = {}
@@ -83,7 +108,9 @@ def build_inputs(args, work: Path):
     processor = AutoImageProcessor.from_pretrained(model_dirs[0])
     from transformers import AutoConfig
 
-    spec = EncodeSpec("vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dirs[0])), 128, task_templates=templates)
+    spec = EncodeSpec(
+        "vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dirs[0])), 128, task_templates=templates
+    )
     encoded = encode_conversations(conversations, tokenizer, spec)
     rows = []
     for conversation, row in zip(conversations, encoded):
@@ -102,7 +129,9 @@ def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]
     the response tokens' share of the gradient shrinks as instruction tokens join the loss."""
     from workloads.segments import RESPONSE_SEGMENTS, token_weights
 
-    segments = np.concatenate([np.asarray(r["segments"])[1:] for r in rows]).astype(np.int64)  # targets: after the shift
+    segments = np.concatenate([np.asarray(r["segments"])[1:] for r in rows]).astype(
+        np.int64
+    )  # targets: after the shift
     is_response = np.isin(segments, [int(s) for s in RESPONSE_SEGMENTS])
     out = {}
     for mode in modes:
@@ -134,10 +163,21 @@ def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out
             shutil.copytree(Path(checkpoint_dir) / MODEL_SUBDIR, out, dirs_exist_ok=True)
 
     spec = TrainSpec(
-        model_path=str(model_dir), total_steps=args.steps, steps_per_epoch=steps_per_epoch, mode=mode,
-        lambda_instruction=1.0, lambda_response=1.0, freeze="none", lr=args.lr, lr_schedule="cosine",
-        warmup_ratio=0.05, micro_batch_size=args.batch, gradient_accumulation=1, seed=seed,
-        deepspeed_config={"zero_optimization": {"stage": 0}}, log_every=max(1, args.steps // 10),
+        model_path=str(model_dir),
+        total_steps=args.steps,
+        steps_per_epoch=steps_per_epoch,
+        mode=mode,
+        lambda_instruction=1.0,
+        lambda_response=1.0,
+        freeze="none",
+        lr=args.lr,
+        lr_schedule="cosine",
+        warmup_ratio=0.05,
+        micro_batch_size=args.batch,
+        gradient_accumulation=1,
+        seed=seed,
+        deepspeed_config={"zero_optimization": {"stage": 0}},
+        log_every=max(1, args.steps // 10),
         torch_threads=args.threads,
     )
     started = time.perf_counter()
@@ -158,7 +198,9 @@ def evaluate_one(model_dir: Path, spec, questions, image_root, args) -> tuple[di
     from workloads.evaluation import Evaluator, summarize, synthetic_chair_vocabularies
 
     started = time.perf_counter()
-    evaluator = Evaluator.from_pretrained(str(model_dir), spec, image_root=image_root, null_image="noise", max_new_tokens=24, seed=0)
+    evaluator = Evaluator.from_pretrained(
+        str(model_dir), spec, image_root=image_root, null_image="noise", max_new_tokens=24, seed=0
+    )
     samples = []
     for start in range(0, len(questions), 50):
         samples.extend(evaluator(questions[start : start + 50]))
@@ -179,12 +221,16 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--template-top-k", type=int, default=10)
     parser.add_argument(
-        "--template-min-share", type=float, default=0.03,
+        "--template-min-share",
+        type=float,
+        default=0.03,
         help="task templates: sentences in at least this share of user turns (at 0.02 this set also selects "
         "content-bearing questions such as 'What color is the square?')",
     )
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads (default 1: on a busy 2-core machine 2 threads ran the tiny model up to 30x slower; 0: torch's default)",
     )
     parser.add_argument("--workdir", type=Path, default=None)
@@ -203,10 +249,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data, templates, model_dirs, spec, rows = build_inputs(args, work)
     questions, image_root = synthetic_questions(
-        work / "suite", rows=args.eval_rows, seed=args.data_seed, max_objects=args.max_objects,
+        work / "suite",
+        rows=args.eval_rows,
+        seed=args.data_seed,
+        max_objects=args.max_objects,
         kinds=[k for k in args.kinds if k != "multi_turn"],
     )
-    print(f"{len(rows)} training rows, {len(questions)} held-out questions, task templates {list(templates)}", flush=True)
+    print(
+        f"{len(rows)} training rows, {len(questions)} held-out questions, task templates {list(templates)}", flush=True
+    )
 
     runs = []
     for seed in range(args.seeds):
@@ -214,8 +265,14 @@ def main() -> None:
             out = work / "runs" / f"{mode}-seed{seed}"
             trained = train_one(model_dirs[seed], rows, mode, seed, args, out)
             metrics, eval_s = evaluate_one(out, spec, questions, image_root, args)
-            run = {"mode": mode, "seed": seed, **{k: v for k, v in trained.items() if k != "curve"}, "eval_s": eval_s,
-                   "metrics": metrics, "curve": trained["curve"]}
+            run = {
+                "mode": mode,
+                "seed": seed,
+                **{k: v for k, v in trained.items() if k != "curve"},
+                "eval_s": eval_s,
+                "metrics": metrics,
+                "curve": trained["curve"],
+            }
             runs.append(run)
             print(
                 f"seed {seed} {mode:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  CIDEr {metrics.get('caption_cider', float('nan')):.3f}  "
@@ -250,17 +307,33 @@ def main() -> None:
                         diffs.append(a - b)
                 if diffs:
                     mean, std = mean_std(diffs)
-                    paired[f"{mode}-minus-response"][key] = {"mean": round(mean, 4), "std": round(std, 4), "per_seed": [round(d, 4) for d in diffs]}
+                    paired[f"{mode}-minus-response"][key] = {
+                        "mean": round(mean, 4),
+                        "std": round(std, 4),
+                        "per_seed": [round(d, 4) for d in diffs],
+                    }
 
     result = {
         "setup": {
-            "seeds": args.seeds, "steps": args.steps, "batch": args.batch, "lr": args.lr, "schedule": "cosine, 5% warm-up",
-            "lambda_instruction": 1.0, "lambda_response": 1.0, "train_rows": len(rows), "eval_questions": len(questions),
-            "max_objects": args.max_objects, "kinds": args.kinds, "task_templates": list(templates), "template_selection": {"top_k": args.template_top_k, "min_share": args.template_min_share},
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "schedule": "cosine, 5% warm-up",
+            "lambda_instruction": 1.0,
+            "lambda_response": 1.0,
+            "train_rows": len(rows),
+            "eval_questions": len(questions),
+            "max_objects": args.max_objects,
+            "kinds": args.kinds,
+            "task_templates": list(templates),
+            "template_selection": {"top_k": args.template_top_k, "min_share": args.template_min_share},
             "null_image": "noise",
             "trainer": "workloads.train_loop.run_training (DeepSpeed ZeRO-0, CPU, 1 rank), in-process",
-            "model": "tiny LLaVA (CLIP 2x64, Llama 2x128), weights drawn per seed", "freeze": "none",
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "model": "tiny LLaVA (CLIP 2x64, Llama 2x128), weights drawn per seed",
+            "freeze": "none",
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "trained_tokens": trained_token_shares(rows, args.modes),
         },
         "summary": summary,
@@ -273,7 +346,18 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n{'metric':18s}" + "".join(f"{m:>22s}" for m in args.modes))
-    for key in ("vc_mean", "vc_sum", "caption_cider", "caption_bleu4", "accuracy", "pope_f1", "chair_i", "chair_i_shape", "loss_response", "train_s"):
+    for key in (
+        "vc_mean",
+        "vc_sum",
+        "caption_cider",
+        "caption_bleu4",
+        "accuracy",
+        "pope_f1",
+        "chair_i",
+        "chair_i_shape",
+        "loss_response",
+        "train_s",
+    ):
         cells = [summary[m].get(key) for m in args.modes]
         print(f"{key:18s}" + "".join(f"{c['mean']:>13.3f} ± {c['std']:<6.3f}" if c else f"{'-':>22s}" for c in cells))
     print(f"wrote {args.out} in {result['wall_s']:.0f} s (load average {result['load_average']})")

@@ -80,7 +80,13 @@ def base_config(args, storage: Path):
         from orchestrator.pipeline import with_overrides
 
         k = args.grid_size
-        cfg = with_overrides(cfg, {"sweep.lambda_instruction": cfg.sweep.lambda_instruction[:k], "sweep.lambda_response": cfg.sweep.lambda_response[:k]})
+        cfg = with_overrides(
+            cfg,
+            {
+                "sweep.lambda_instruction": cfg.sweep.lambda_instruction[:k],
+                "sweep.lambda_response": cfg.sweep.lambda_response[:k],
+            },
+        )
     return cfg
 
 
@@ -172,7 +178,9 @@ def run_one(label: str, cfg) -> dict:
         flush=True,
     )
     for r in rows:
-        print(f"   {short(r['point'])}: {r['status']}, {r['steps']} steps, {cfg.sweep.metric} {r['metric']}", flush=True)
+        print(
+            f"   {short(r['point'])}: {r['status']}, {r['steps']} steps, {cfg.sweep.metric} {r['metric']}", flush=True
+        )
     return {
         "name": result.name,
         "path": result.path,
@@ -196,14 +204,21 @@ def heatmap(cfg, sweep: dict, out_dir: Path, target: Path) -> dict:
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     started = time.perf_counter()
-    comparison = compare(sweep["name"], out_dir, metrics=[cfg.sweep.metric, "train/loss_response"], experiment=cfg.tracking.experiment)
+    comparison = compare(
+        sweep["name"], out_dir, metrics=[cfg.sweep.metric, "train/loss_response"], experiment=cfg.tracking.experiment
+    )
     png = out_dir / f"heatmap_{cfg.sweep.metric.replace('/', '_')}.png"
     copied = None
     if png.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, target)
         copied = str(target.relative_to(ROOT)) if target.resolve().is_relative_to(ROOT) else str(target)
-    return {"best_runs": comparison.best, "runs": len(comparison.runs), "heatmap": copied, "compare_s": round(time.perf_counter() - started, 1)}
+    return {
+        "best_runs": comparison.best,
+        "runs": len(comparison.runs),
+        "heatmap": copied,
+        "compare_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def write(path: Path, result: dict) -> None:
@@ -216,15 +231,34 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "lambda_grid.yaml")
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps (default: the config's, 300)")
     parser.add_argument("--eval-rows", type=int, default=None, help="eval.max_rows (default: the config's, 200)")
-    parser.add_argument("--log-every", type=int, default=None, help="train.log_every, i.e. steps per Tune report (default: the config's, 10)")
-    parser.add_argument("--grid-size", type=int, default=None, help="only the first K values of each λ axis (K x K trials)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="sweep.max_concurrent_trials (default: derived from the cluster)")
-    parser.add_argument("--asha-grace-period", type=int, default=None, help="optimizer steps before ASHA may stop a trial (default: 1/6 of the steps)")
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        help="train.log_every, i.e. steps per Tune report (default: the config's, 10)",
+    )
+    parser.add_argument(
+        "--grid-size", type=int, default=None, help="only the first K values of each λ axis (K x K trials)"
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="sweep.max_concurrent_trials (default: derived from the cluster)",
+    )
+    parser.add_argument(
+        "--asha-grace-period",
+        type=int,
+        default=None,
+        help="optimizer steps before ASHA may stop a trial (default: 1/6 of the steps)",
+    )
     parser.add_argument("--asha-reduction-factor", type=float, default=3.0)
     parser.add_argument("--asha-metric", default=None, help="sweep.asha.metric (default: the config's, loss_response)")
     parser.add_argument("--skip-asha", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
-    parser.add_argument("--workdir", type=Path, default=None, help="storage.path of both sweeps (default: a fresh temp folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="storage.path of both sweeps (default: a fresh temp folder)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp workdir")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -237,7 +271,13 @@ def main(argv=None) -> dict:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="l2t-bench-sweep-"))).resolve()
     storage = workdir / "store"
     cfg = base_config(args, storage)
-    result: dict = {"load_average_before": load_average(), "cpu_count": os.cpu_count(), "config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else str(args.config)}
+    result: dict = {
+        "load_average_before": load_average(),
+        "cpu_count": os.cpu_count(),
+        "config": str(args.config.resolve().relative_to(ROOT))
+        if args.config.resolve().is_relative_to(ROOT)
+        else str(args.config),
+    }
     started = time.perf_counter()
 
     # One local Ray cluster for both sweeps ("local": never join another Ray instance on this machine).
@@ -290,12 +330,23 @@ def main(argv=None) -> dict:
             "grid_load_average": grid["load_average"],
         }
     )
-    print(f"[bench] trials/hour: {result['trials_per_hour']:.1f} ({grid['completed']} trials in {grid['wall_s']:.0f} s)", flush=True)
+    print(
+        f"[bench] trials/hour: {result['trials_per_hour']:.1f} ({grid['completed']} trials in {grid['wall_s']:.0f} s)",
+        flush=True,
+    )
     write(args.output, {**result, "partial": "full grid only; the ASHA sweep had not finished"})
     if not args.skip_compare:
         try:
-            result["compare"] = heatmap(grid_cfg, grid, workdir / "compare" / grid["name"], args.output.with_name(f"{args.output.stem}_heatmap.png"))
-            print(f"[bench] compare: best runs {result['compare']['best_runs']}; heatmap -> {result['compare']['heatmap']}", flush=True)
+            result["compare"] = heatmap(
+                grid_cfg,
+                grid,
+                workdir / "compare" / grid["name"],
+                args.output.with_name(f"{args.output.stem}_heatmap.png"),
+            )
+            print(
+                f"[bench] compare: best runs {result['compare']['best_runs']}; heatmap -> {result['compare']['heatmap']}",
+                flush=True,
+            )
         except Exception as error:  # the comparison is optional; the sweep numbers stand without it
             result["compare"] = {"error": repr(error)}
             print(f"[bench] compare failed: {error!r}", flush=True)
@@ -303,7 +354,9 @@ def main(argv=None) -> dict:
     # (2) the same grid under ASHA.
     if not args.skip_asha:
         settings = asha_settings(args, cfg)
-        asha_cfg = with_overrides(cfg, {"name": f"{cfg.name}-bench-asha", **{k: v for k, v in settings.items() if not k.startswith("_")}})
+        asha_cfg = with_overrides(
+            cfg, {"name": f"{cfg.name}-bench-asha", **{k: v for k, v in settings.items() if not k.startswith("_")}}
+        )
         asha = run_one("ASHA", asha_cfg)
         steps_run = sum(r["steps"] for r in asha["trials"])
         full = len(points) * cfg.train.max_steps
@@ -311,7 +364,9 @@ def main(argv=None) -> dict:
             {
                 "asha_steps_saved_share": round(1 - steps_run / full, 4),
                 "asha_same_best": asha["best_point"] == grid["best_point"],
-                "asha_best_in_grid_ties": asha["best_point"] in grid["best_tied_points"] if asha["best_point"] else False,
+                "asha_best_in_grid_ties": asha["best_point"] in grid["best_tied_points"]
+                if asha["best_point"]
+                else False,
                 "asha_wall_s": asha["wall_s"],
                 "asha_over_grid_wall": round(asha["wall_s"] / grid["wall_s"], 3),
                 "asha_steps_run": steps_run,
@@ -345,7 +400,10 @@ def main(argv=None) -> dict:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["workdir"] = str(workdir)
     write(args.output, result)
-    print(f"load average {result['load_average_before']} -> {result['load_average_after']}; wrote {args.output}", flush=True)
+    print(
+        f"load average {result['load_average_before']} -> {result['load_average_after']}; wrote {args.output}",
+        flush=True,
+    )
     if args.workdir is None and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return result

@@ -60,10 +60,29 @@ def experiment(storage: Path, **train):
 
     raw = {
         "name": "bench",
-        "data": {"synthetic": {"train_rows": 1200, "eval_rows": 0, "max_objects": 1, "kinds": ["color", "shape", "exists", "caption"]}, "chat_template": "vicuna_v1", "max_length": 128},
+        "data": {
+            "synthetic": {
+                "train_rows": 1200,
+                "eval_rows": 0,
+                "max_objects": 1,
+                "kinds": ["color", "shape", "exists", "caption"],
+            },
+            "chat_template": "vicuna_v1",
+            "max_length": 128,
+        },
         "model": {"name_or_path": "tiny", "freeze": "none"},
         "masking": {"mode": "l2t"},
-        "train": {"lr": 1e-3, "lr_schedule": "constant", "warmup_ratio": 0.0, "micro_batch_size": 16, "gradient_accumulation": 1, "num_workers": 1, "log_every": 10, "ingest": "materialize", **train},
+        "train": {
+            "lr": 1e-3,
+            "lr_schedule": "constant",
+            "warmup_ratio": 0.0,
+            "micro_batch_size": 16,
+            "gradient_accumulation": 1,
+            "num_workers": 1,
+            "log_every": 10,
+            "ingest": "materialize",
+            **train,
+        },
         "storage": {"path": str(storage)},
     }
     return config_from_dict(raw)
@@ -76,7 +95,9 @@ def in_memory_rows(prepared, model_dir: str, image_root: str):
     rows = read_prepared_rows(prepared)
     load = LoadRows(model_dir, prepared.shards, image_root)
     loaded = load({k: np.array([c[k] for c in rows.chunks]) for k in rows.chunks[0]})
-    by_row = {r: {k: loaded[k][i] for k in ("input_ids", "segments", "pixel_values")} for i, r in enumerate(loaded["row"])}
+    by_row = {
+        r: {k: loaded[k][i] for k in ("input_ids", "segments", "pixel_values")} for i, r in enumerate(loaded["row"])
+    }
     return rows, by_row
 
 
@@ -149,7 +170,9 @@ def measure_cpu(args) -> dict:
 
         for attempt in range(args.ray_repeats):
             record(bare_run(bare_spec, batches)[-1], bare, bare_cpu)
-            result = run_train(cfg, prepared, model_dir, f"bench-ray-{attempt}", spec_overrides={"torch_threads": threads})
+            result = run_train(
+                cfg, prepared, model_dir, f"bench-ray-{attempt}", spec_overrides={"torch_threads": threads}
+            )
             record(result.final_metrics, ray, ray_cpu)
         record(bare_run(bare_spec, batches)[-1], bare, bare_cpu)
         out.update(
@@ -165,7 +188,14 @@ def measure_cpu(args) -> dict:
             f"{out['ray_over_bare_throughput']:.3f} (per CPU second of the training process {out['ray_over_bare_tokens_per_cpu_s']:.3f}); goal >= 0.9",
             flush=True,
         )
-    out.update({"cpu_steps": args.steps, "micro_batch_size": spec.micro_batch_size, "torch_threads": threads, "model": "tiny preset (CLIP 2x64, Llama 2x128)"})
+    out.update(
+        {
+            "cpu_steps": args.steps,
+            "micro_batch_size": spec.micro_batch_size,
+            "torch_threads": threads,
+            "model": "tiny preset (CLIP 2x64, Llama 2x128)",
+        }
+    )
     return out
 
 
@@ -180,8 +210,24 @@ def write_gpu_model(out_dir: Path, shape: str) -> str:
         config = tinyllava_config()
     else:  # a miniature of the same composition, to exercise this path on CPU
         config = tinyllava_config(
-            text={"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": 2},
-            vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14},
+            text={
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            },
+            vision={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 56,
+                "patch_size": 14,
+            },
         )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -203,11 +249,21 @@ def synthetic_gpu_rows(config, rows: int, text_tokens: int, seed: int = 0) -> li
     for _ in range(rows):
         instruction = int(rng.integers(text_tokens // 4, text_tokens // 2))
         response = int(rng.integers(text_tokens // 4, text_tokens // 2))
-        segments = [Segment.SYSTEM] * 8 + [Segment.ROLE] * 2 + [Segment.IMAGE] * image_tokens + [Segment.INSTRUCTION] * instruction + [Segment.ROLE] * 2 + [Segment.RESPONSE] * response + [Segment.END_OF_TURN]
+        segments = (
+            [Segment.SYSTEM] * 8
+            + [Segment.ROLE] * 2
+            + [Segment.IMAGE] * image_tokens
+            + [Segment.INSTRUCTION] * instruction
+            + [Segment.ROLE] * 2
+            + [Segment.RESPONSE] * response
+            + [Segment.END_OF_TURN]
+        )
         ids = rng.integers(0, vocab, size=len(segments))
         ids[np.asarray(segments) == Segment.IMAGE] = config.image_token_id
         pixels = rng.standard_normal((1, 3, vision.image_size, vision.image_size)).astype(np.float32)
-        out.append({"input_ids": ids.astype(np.int32), "segments": np.asarray(segments, dtype=np.int8), "pixel_values": pixels})
+        out.append(
+            {"input_ids": ids.astype(np.int32), "segments": np.asarray(segments, dtype=np.int8), "pixel_values": pixels}
+        )
     return out
 
 
@@ -256,7 +312,10 @@ def measure_gpu(args, shape: str = "tinyllava-0.5b", use_gpu: bool = True) -> di
         "gpu_sequence_length": int(np.mean([len(r["input_ids"]) for r in rows])),
         "gpu_shape": shape,
     }
-    print(f"(c) {name}: {out['gpu_tokens_per_s']:.0f} tokens/s, MFU {out['gpu_mfu']:.1%} ({shape}, ZeRO-2 bf16, micro-batch {micro}, ~{out['gpu_sequence_length']} tokens/row; goal >= 40%)", flush=True)
+    print(
+        f"(c) {name}: {out['gpu_tokens_per_s']:.0f} tokens/s, MFU {out['gpu_mfu']:.1%} ({shape}, ZeRO-2 bf16, micro-batch {micro}, ~{out['gpu_sequence_length']} tokens/row; goal >= 40%)",
+        flush=True,
+    )
     return out
 
 
@@ -271,9 +330,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-gpu", action="store_true")
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-micro-batch", type=int, default=16)
-    parser.add_argument("--gpu-text-tokens", type=int, default=320, help="text tokens per row beside the 729 image tokens")
+    parser.add_argument(
+        "--gpu-text-tokens", type=int, default=320, help="text tokens per row beside the 729 image tokens"
+    )
     parser.add_argument("--gpu-checkpointing", action="store_true")
-    parser.add_argument("--gpu-smoke-on-cpu", action="store_true", help=argparse.SUPPRESS)  # the GPU code path, miniature, on CPU
+    parser.add_argument(
+        "--gpu-smoke-on-cpu", action="store_true", help=argparse.SUPPRESS
+    )  # the GPU code path, miniature, on CPU
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 

@@ -14,7 +14,11 @@ from rich.table import Table
 from orchestrator import storage
 from orchestrator.config import ConfigError, json_schema, load_config
 
-app = typer.Typer(help="l2t: visual instruction tuning with the L2T loss on Ray.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="l2t: visual instruction tuning with the L2T loss on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 config_app = typer.Typer(help="Validate configs and print their schema.", no_args_is_help=True)
 data_app = typer.Typer(help="Prepare, inspect and summarize data.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -24,7 +28,9 @@ app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
 
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4", show_default=False)]
+Overrides = Annotated[
+    Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=1e-4", show_default=False)
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -43,8 +49,12 @@ def _load(path: Path, overrides: list[str] | None):
 def model_compose(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write (model, tokenizer with <image>, LlavaProcessor).")],
     language_model: Annotated[str, typer.Option(help="Causal LM: hub id or folder, e.g. Qwen/Qwen2-0.5B.")],
-    vision_tower: Annotated[str, typer.Option(help="CLIP or SigLIP model: hub id or folder, e.g. google/siglip-so400m-patch14-384.")],
-    vision_feature_layer: Annotated[int, typer.Option(help="Hidden layer of the tower whose features go to the connector.")] = -2,
+    vision_tower: Annotated[
+        str, typer.Option(help="CLIP or SigLIP model: hub id or folder, e.g. google/siglip-so400m-patch14-384.")
+    ],
+    vision_feature_layer: Annotated[
+        int, typer.Option(help="Hidden layer of the tower whose features go to the connector.")
+    ] = -2,
     seed: Annotated[int, typer.Option(help="Seed of the fresh connector's weights.")] = 0,
 ) -> None:
     """TinyLLaVA-style composition: a pretrained LM and vision tower joined by a fresh connector,
@@ -75,13 +85,14 @@ def config_schema() -> None:
 
 @app.command()
 def quickstart(
-    output: Annotated[Path, typer.Option(help="Folder for data, models, runs and the MLflow store.")] = Path("l2t_quickstart"),
+    output: Annotated[Path, typer.Option(help="Folder for data, models, runs and the MLflow store.")] = Path(
+        "l2t_quickstart"
+    ),
     overrides: Overrides = None,
 ) -> None:
     """Synthetic data -> Ray Data -> VIT and L2T runs on Ray Train + DeepSpeed -> evaluation -> MLflow."""
-    from orchestrator.quickstart import run_quickstart
-
     from orchestrator.prepare import PrepareError
+    from orchestrator.quickstart import run_quickstart
 
     try:
         run_quickstart(output, overrides, console)
@@ -94,8 +105,8 @@ def train(config: Path, overrides: Overrides = None) -> None:
     """Prepare (or reuse) the data, train with Ray Train, evaluate, log to MLflow."""
     from orchestrator.cluster import connect
     from orchestrator.pipeline import run_experiment
-    from orchestrator.quickstart import comparison_table
     from orchestrator.prepare import PrepareError
+    from orchestrator.quickstart import comparison_table
     from orchestrator.tracking import TrackingError, tracking_uri
 
     cfg = _load(config, overrides)
@@ -128,9 +139,16 @@ def sweep(config: Path, overrides: Overrides = None) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    comparison = build_comparison(result.name, Path(result.path) if not result.path.startswith("s3://") else Path("l2t_compare") / result.name, metrics=[cfg.sweep.metric, *_default_metrics()], experiment=cfg.tracking.experiment)
+    comparison = build_comparison(
+        result.name,
+        Path(result.path) if not result.path.startswith("s3://") else Path("l2t_compare") / result.name,
+        metrics=[cfg.sweep.metric, *_default_metrics()],
+        experiment=cfg.tracking.experiment,
+    )
     console.print(table(comparison))
-    console.print(f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {storage.redact(tracking_uri(cfg))}")
+    console.print(
+        f"sweep {result.name}: {len(result.trials)} trials; MLflow parent run {result.parent_run_id} in {storage.redact(tracking_uri(cfg))}"
+    )
 
 
 from orchestrator.evaluate import eval_command  # noqa: E402
@@ -149,8 +167,12 @@ def _default_metrics() -> list[str]:
 @app.command()
 def compare(
     name: Annotated[str, typer.Argument(help="A sweep name (its MLflow parent run) or an MLflow experiment name.")],
-    config: Annotated[Optional[Path], typer.Option("--config", help="Take the tracking URI and experiment from this config.")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (else the config's, else MLFLOW_TRACKING_URI).")] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", help="Take the tracking URI and experiment from this config.")
+    ] = None,
+    tracking_uri: Annotated[
+        Optional[str], typer.Option(help="MLflow tracking URI (else the config's, else MLFLOW_TRACKING_URI).")
+    ] = None,
     metric: Annotated[Optional[list[str]], typer.Option(help="Metrics to compare (repeatable).")] = None,
     output: Annotated[Path, typer.Option(help="Folder for the table (CSV) and the plots (PNG).")] = Path("l2t_compare"),
 ) -> None:
@@ -183,7 +205,11 @@ def compare(
 
 
 @data_app.command("prepare")
-def data_prepare(config: Path, overrides: Overrides = None, force: bool = typer.Option(False, help="Prepare again even if the output exists.")) -> None:
+def data_prepare(
+    config: Path,
+    overrides: Overrides = None,
+    force: bool = typer.Option(False, help="Prepare again even if the output exists."),
+) -> None:
     """Validate, quarantine, count task templates, tokenize and segment into Parquet shards."""
     from orchestrator.cluster import connect
     from orchestrator.pipeline import materialize_synthetic, resolve_model
@@ -204,7 +230,19 @@ def _print_manifest(manifest: dict) -> None:
     table = Table(title=f"prepared data {manifest['key']}")
     table.add_column("what")
     table.add_column("value", justify="right")
-    for key in ("rows_in", "rows_written", "rows_quarantined", "truncated_rows", "tokens_total", "length_mean", "length_max", "num_image_tokens", "task_templates", "task_templates_version", "chat_template"):
+    for key in (
+        "rows_in",
+        "rows_written",
+        "rows_quarantined",
+        "truncated_rows",
+        "tokens_total",
+        "length_mean",
+        "length_max",
+        "num_image_tokens",
+        "task_templates",
+        "task_templates_version",
+        "chat_template",
+    ):
         value = manifest.get(key)
         table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
     for reason, count in manifest.get("quarantined_by_reason", {}).items():
@@ -256,7 +294,9 @@ def data_inspect(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     conversations = []
     text = file.read_text(encoding="utf-8")
-    records = json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = (
+        json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
     for number, record in enumerate(records, start=1):
         try:
             conversations.append(parse_record(record, cfg.data.format, default_id=f"{file.name}:{number}"))

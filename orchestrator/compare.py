@@ -44,18 +44,24 @@ def find_runs(name: str, experiment: str | None = None) -> tuple[str, str | None
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if experiment is None or e.name == experiment]
     parents = mlflow.search_runs(
-        experiment_ids=ids, filter_string=f"tags.`l2t.sweep` = '{name}' and tags.`l2t.kind` = 'parent'", output_format="list"
+        experiment_ids=ids,
+        filter_string=f"tags.`l2t.sweep` = '{name}' and tags.`l2t.kind` = 'parent'",
+        output_format="list",
     ) or mlflow.search_runs(experiment_ids=ids, filter_string=f"tags.mlflow.runName = '{name}'", output_format="list")
     if parents:
         parent = parents[0]
         children = mlflow.search_runs(
-            experiment_ids=[parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list"
+            experiment_ids=[parent.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+            output_format="list",
         )
         return f"sweep {name}", parent.info.run_id, children
     by_name = [e for e in experiments if e.name == name]
     if not by_name:
         raise LookupError(f"no sweep (parent run) and no MLflow experiment named {name!r}")
-    runs = mlflow.search_runs(experiment_ids=[by_name[0].experiment_id], filter_string="tags.`l2t.kind` = 'trial'", output_format="list")
+    runs = mlflow.search_runs(
+        experiment_ids=[by_name[0].experiment_id], filter_string="tags.`l2t.kind` = 'trial'", output_format="list"
+    )
     return f"experiment {name}", None, runs
 
 

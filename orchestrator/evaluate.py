@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import numpy as np
-import typer
 import pyarrow as pa
+import typer
 
 from orchestrator import storage
 
@@ -149,9 +149,9 @@ class EvalActor:
 
 def _pool(options: EvalOptions, batches: int) -> tuple[int, float, dict[str, Any]]:
     """(actors, CPUs per actor, extra map_batches arguments) for this cluster."""
-    from orchestrator.cluster import cluster_cpus
-
     import ray
+
+    from orchestrator.cluster import cluster_cpus
 
     if options.use_gpu:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -306,9 +306,13 @@ def encode_spec_kwargs(
         data = PreparedData.load(prepared)
         manifest = data.manifest
         if manifest.get("num_image_tokens") not in (None, image_tokens):
-            raise ValueError(f"{prepared} was prepared with {manifest['num_image_tokens']} image tokens, the model uses {image_tokens}")
+            raise ValueError(
+                f"{prepared} was prepared with {manifest['num_image_tokens']} image tokens, the model uses {image_tokens}"
+            )
         if task_templates is None and storage.exists(data.task_templates_file):
-            task_templates = TaskTemplateList.from_dict(json.loads(storage.read_text(data.task_templates_file))).sentences()
+            task_templates = TaskTemplateList.from_dict(
+                json.loads(storage.read_text(data.task_templates_file))
+            ).sentences()
     if config is not None:
         chat_template = chat_template or manifest.get("chat_template") or config.data.chat_template
         system_prompt = system_prompt if system_prompt is not None else config.data.system_prompt
@@ -342,7 +346,13 @@ class SyntheticSuite:
         if synthetic is None:
             return cls(rows=rows or 200)
         kinds = tuple(k for k in (synthetic.kinds or SINGLE_ROUND_KINDS) if k in SINGLE_ROUND_KINDS) or None
-        return cls(rows=rows or synthetic.eval_rows or 200, seed=synthetic.seed, max_objects=synthetic.max_objects, image_size=synthetic.image_size, kinds=kinds)
+        return cls(
+            rows=rows or synthetic.eval_rows or 200,
+            seed=synthetic.seed,
+            max_objects=synthetic.max_objects,
+            image_size=synthetic.image_size,
+            kinds=kinds,
+        )
 
 
 def suite_name(suite: str) -> str:
@@ -371,7 +381,12 @@ def load_suite(
             raise ValueError("the synthetic suite renders its images locally: give a local output folder")
         rows = min(s.rows, limit) if limit else s.rows
         questions, root = synthetic_questions(
-            Path(out_dir) / "suite", rows=rows, seed=s.seed, max_objects=s.max_objects, image_size=s.image_size, kinds=s.kinds
+            Path(out_dir) / "suite",
+            rows=rows,
+            seed=s.seed,
+            max_objects=s.max_objects,
+            image_size=s.image_size,
+            kinds=s.kinds,
         )
         return questions, root, synthetic_chair_vocabularies()
     if not storage.exists(suite):
@@ -407,7 +422,12 @@ def run_eval(
     options = options or EvalOptions()
     suites = [suites] if isinstance(suites, str) else list(suites)
     spec_kwargs = encode_spec_kwargs(
-        model_dir, chat_template=chat_template, system_prompt=system_prompt, max_length=max_length, prepared=prepared, config=config
+        model_dir,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        max_length=max_length,
+        prepared=prepared,
+        config=config,
     )
     synthetic = synthetic or SyntheticSuite.from_config(config)
     output = storage.absolute(output)
@@ -417,15 +437,30 @@ def run_eval(
         if name in results:
             raise ValueError(f"two suites named {name!r}; evaluate them into different outputs")
         out_dir = storage.join(output, name)
-        questions, root, vocabularies = load_suite(suite, out_dir, image_root=image_root, limit=max_rows, default_kind=kind, synthetic=synthetic)
-        log(f"[eval] {name}: {len(questions)} questions, chat template {spec_kwargs['template']}, {options.null_image} V=∅ -> {out_dir}")
+        questions, root, vocabularies = load_suite(
+            suite, out_dir, image_root=image_root, limit=max_rows, default_kind=kind, synthetic=synthetic
+        )
+        log(
+            f"[eval] {name}: {len(questions)} questions, chat template {spec_kwargs['template']}, {options.null_image} V=∅ -> {out_dir}"
+        )
         results[name] = evaluate_questions(
-            model_dir, questions, spec_kwargs, root, options, out_dir, suite=suite, chair_vocabularies=vocabularies,
+            model_dir,
+            questions,
+            spec_kwargs,
+            root,
+            options,
+            out_dir,
+            suite=suite,
+            chair_vocabularies=vocabularies,
             extra={"image_root": root, **({"synthetic": asdict(synthetic)} if name == "synthetic" else {})},
         )
     storage.write_text(
         storage.join(output, METRICS_FILE),
-        json.dumps({"model_dir": str(model_dir), "suites": {k: v.metrics for k, v in results.items()}}, indent=2, sort_keys=True),
+        json.dumps(
+            {"model_dir": str(model_dir), "suites": {k: v.metrics for k, v in results.items()}},
+            indent=2,
+            sort_keys=True,
+        ),
     )
     return results
 
@@ -469,7 +504,19 @@ def evaluate_model(cfg, model_dir: str, prepared, out_file: str) -> dict[str, fl
     metrics = summarize(rows)
     stem = out_file[: -len(".jsonl")] if out_file.endswith(".jsonl") else out_file
     write_samples(rows, out_file, stem + ".parquet")
-    storage.write_text(stem + ".metrics.json", json.dumps({"model_dir": str(model_dir), "eval_file": cfg.data.eval_file, "options": asdict(options), "metrics": metrics}, indent=2, sort_keys=True))
+    storage.write_text(
+        stem + ".metrics.json",
+        json.dumps(
+            {
+                "model_dir": str(model_dir),
+                "eval_file": cfg.data.eval_file,
+                "options": asdict(options),
+                "metrics": metrics,
+            },
+            indent=2,
+            sort_keys=True,
+        ),
+    )
     return metrics
 
 
@@ -487,10 +534,18 @@ def metrics_table(results: dict[str, SuiteResult]):
     from rich.table import Table
 
     shown = (
-        ("questions", "eval_samples", "{:.0f}"), ("accuracy", "accuracy", "{:.1%}"), ("exact match", "exact_match", "{:.1%}"),
-        ("VC / token", "vc_mean", "{:+.3f}"), ("VC / sample", "vc_sum", "{:+.3f}"), ("VC > 0", "vc_positive_share", "{:.1%}"),
-        ("POPE F1", "pope_f1", "{:.3f}"), ("POPE yes ratio", "pope_yes_ratio", "{:.1%}"), ("caption CIDEr-D", "caption_cider", "{:.3f}"),
-        ("caption BLEU-4", "caption_bleu4", "{:.3f}"), ("CHAIR_i", "chair_i", "{:.1%}"), ("CHAIR_s", "chair_s", "{:.1%}"),
+        ("questions", "eval_samples", "{:.0f}"),
+        ("accuracy", "accuracy", "{:.1%}"),
+        ("exact match", "exact_match", "{:.1%}"),
+        ("VC / token", "vc_mean", "{:+.3f}"),
+        ("VC / sample", "vc_sum", "{:+.3f}"),
+        ("VC > 0", "vc_positive_share", "{:.1%}"),
+        ("POPE F1", "pope_f1", "{:.3f}"),
+        ("POPE yes ratio", "pope_yes_ratio", "{:.1%}"),
+        ("caption CIDEr-D", "caption_cider", "{:.3f}"),
+        ("caption BLEU-4", "caption_bleu4", "{:.3f}"),
+        ("CHAIR_i", "chair_i", "{:.1%}"),
+        ("CHAIR_s", "chair_s", "{:.1%}"),
     )
     table = Table(title="evaluation")
     table.add_column("metric")
@@ -506,24 +561,66 @@ def metrics_table(results: dict[str, SuiteResult]):
 
 
 def eval_command(
-    model_dir: Annotated[str, typer.Argument(help='An exported model folder (l2t train writes <storage>/models/<run>/model) or a hub id.')],
-    suite: Annotated[Optional[list[str]], typer.Option('--suite', help='`synthetic` (held-out synthetic scenes) or a LLaVA-style question file (JSONL/JSON, local or s3://: question_id, image, text, answer/answers/label, choices). Repeatable.')] = None,
-    output: Annotated[Path, typer.Option(help='Folder for <suite>/samples.jsonl, samples.parquet, metrics.json.')] = Path("l2t_eval"),
-    config: Annotated[Optional[Path], typer.Option('--config', help='Experiment config: chat template, system prompt, max length, eval settings, and the synthetic suite (data.synthetic).')] = None,
-    prepared: Annotated[Optional[str], typer.Option(help='Prepared-data folder of the training run: chat template, max length, task templates.')] = None,
-    chat_template: Annotated[Optional[str], typer.Option(help='Chat template the model was trained with (vicuna_v1, llama3, qwen2, phi, plain, tokenizer).')] = None,
-    image_root: Annotated[Optional[str], typer.Option(help='Folder (or s3:// prefix) that image paths in question files are relative to; default: the folder of the question file.')] = None,
+    model_dir: Annotated[
+        str,
+        typer.Argument(help='An exported model folder (l2t train writes <storage>/models/<run>/model) or a hub id.'),
+    ],
+    suite: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            '--suite',
+            help='`synthetic` (held-out synthetic scenes) or a LLaVA-style question file (JSONL/JSON, local or s3://: question_id, image, text, answer/answers/label, choices). Repeatable.',
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option(help='Folder for <suite>/samples.jsonl, samples.parquet, metrics.json.')
+    ] = Path("l2t_eval"),
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            '--config',
+            help='Experiment config: chat template, system prompt, max length, eval settings, and the synthetic suite (data.synthetic).',
+        ),
+    ] = None,
+    prepared: Annotated[
+        Optional[str],
+        typer.Option(help='Prepared-data folder of the training run: chat template, max length, task templates.'),
+    ] = None,
+    chat_template: Annotated[
+        Optional[str],
+        typer.Option(
+            help='Chat template the model was trained with (vicuna_v1, llama3, qwen2, phi, plain, tokenizer).'
+        ),
+    ] = None,
+    image_root: Annotated[
+        Optional[str],
+        typer.Option(
+            help='Folder (or s3:// prefix) that image paths in question files are relative to; default: the folder of the question file.'
+        ),
+    ] = None,
     max_rows: Annotated[Optional[int], typer.Option(help='Evaluate at most this many questions per suite.')] = None,
-    kind: Annotated[Optional[str], typer.Option(help='Question kind for rows without one (e.g. pope, caption, vqa).')] = None,
-    null_image: Annotated[Optional[str], typer.Option(help='V=∅ for visual contribution: noise, blank or none.')] = None,
+    kind: Annotated[
+        Optional[str], typer.Option(help='Question kind for rows without one (e.g. pope, caption, vqa).')
+    ] = None,
+    null_image: Annotated[
+        Optional[str], typer.Option(help='V=∅ for visual contribution: noise, blank or none.')
+    ] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help='Generation budget per answer.')] = None,
     num_beams: Annotated[Optional[int], typer.Option(help='Beam search width (1: greedy).')] = None,
     batch_size: Annotated[Optional[int], typer.Option(help='Questions per actor batch.')] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help='Model actors (default: one per GPU, or one per 4 CPUs).')] = None,
+    concurrency: Annotated[
+        Optional[int], typer.Option(help='Model actors (default: one per GPU, or one per 4 CPUs).')
+    ] = None,
     gpu: Annotated[Optional[bool], typer.Option('--gpu/--cpu', help='One GPU per actor.')] = None,
     seed: Annotated[Optional[int], typer.Option(help='Seed of the noise images.')] = None,
-    synthetic_rows: Annotated[Optional[int], typer.Option(help='Questions in the synthetic suite (default: data.synthetic.eval_rows, else 200).')] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help='Dotted overrides of --config, e.g. eval.null_image=blank', show_default=False)] = None,
+    synthetic_rows: Annotated[
+        Optional[int],
+        typer.Option(help='Questions in the synthetic suite (default: data.synthetic.eval_rows, else 200).'),
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help='Dotted overrides of --config, e.g. eval.null_image=blank', show_default=False),
+    ] = None,
 ) -> None:
     """Evaluate a trained model: batch inference on Ray Data, accuracy, VC, POPE, CIDEr/BLEU-4, CHAIR."""
     import typer
@@ -538,15 +635,30 @@ def eval_command(
         if overrides and cfg is None:
             raise ConfigError("dotted overrides need --config")
         options = resolve_options(
-            cfg, null_image=null_image, max_new_tokens=max_new_tokens, num_beams=num_beams, batch_size=batch_size,
-            concurrency=concurrency, use_gpu=gpu, seed=seed,
+            cfg,
+            null_image=null_image,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            use_gpu=gpu,
+            seed=seed,
         )
         if options.null_image not in ("noise", "blank", "none"):
             raise ConfigError(f"--null-image must be noise, blank or none, got {options.null_image!r}")
         synthetic = SyntheticSuite.from_config(cfg, synthetic_rows)
         results = run_eval(
-            model_dir, suite or ["synthetic"], str(output), options=options, image_root=image_root, max_rows=max_rows,
-            kind=kind, prepared=prepared, config=cfg, chat_template=chat_template, synthetic=synthetic,
+            model_dir,
+            suite or ["synthetic"],
+            str(output),
+            options=options,
+            image_root=image_root,
+            max_rows=max_rows,
+            kind=kind,
+            prepared=prepared,
+            config=cfg,
+            chat_template=chat_template,
+            synthetic=synthetic,
         )
     except (ConfigError, QuestionError, FileNotFoundError, ValueError) as error:
         err.print(f"[red]error:[/red] {error}", highlight=False)

@@ -63,7 +63,9 @@ def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
     out = root / "data" / f"synthetic-{_hash(synthetic.model_dump(mode='json'))}"
     done = out / ".complete"
     if not done.exists():
-        log(f"[data] generating synthetic data set: {synthetic.train_rows} train rows, {synthetic.eval_rows} eval questions -> {out}")
+        log(
+            f"[data] generating synthetic data set: {synthetic.train_rows} train rows, {synthetic.eval_rows} eval questions -> {out}"
+        )
         write_synthetic_dataset(
             out,
             train_rows=synthetic.train_rows,
@@ -123,7 +125,14 @@ def resolve_model(cfg: ExperimentConfig) -> str:
     from workloads.tiny_model import TinyModelSpec, build_tiny_model
 
     files = list_source_files(cfg.data.sources)
-    key = _hash({"tiny": cfg.model.tiny.model_dump(mode="json"), "template": cfg.data.chat_template, "corpus": [storage.file_fingerprint(f) for f in files], "seed": cfg.train.seed})
+    key = _hash(
+        {
+            "tiny": cfg.model.tiny.model_dump(mode="json"),
+            "template": cfg.data.chat_template,
+            "corpus": [storage.file_fingerprint(f) for f in files],
+            "seed": cfg.train.seed,
+        }
+    )
     out = Path(storage.absolute(cfg.storage.path)) / "models" / f"tiny-{key}"
     if not (out / "config.json").exists():
         log(f"[model] building the tiny LLaVA preset -> {out}")
@@ -144,7 +153,9 @@ def resolve_model(cfg: ExperimentConfig) -> str:
     return str(out)
 
 
-def mask_example_html(cfg: ExperimentConfig, prepared: PreparedData, model_dir: str, out_uri: str, rows: int = 3) -> str:
+def mask_example_html(
+    cfg: ExperimentConfig, prepared: PreparedData, model_dir: str, out_uri: str, rows: int = 3
+) -> str:
     """A standalone HTML page of the first prepared rows, colored by segment, with this run's weights."""
     import numpy as np
     import pyarrow.dataset as pads
@@ -161,7 +172,9 @@ def mask_example_html(cfg: ExperimentConfig, prepared: PreparedData, model_dir: 
     ]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     m = cfg.masking
-    storage.write_text(out_uri, to_html(inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response)))
+    storage.write_text(
+        out_uri, to_html(inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response))
+    )
     return out_uri
 
 
@@ -197,7 +210,9 @@ def run_experiment(
     started = time.perf_counter()
     check_reachable(tracking_uri(cfg))
     resolved, model_dir, prepared = inputs or prepare_inputs(cfg)
-    resolved = with_overrides(resolved, {"masking": cfg.masking.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")})
+    resolved = with_overrides(
+        resolved, {"masking": cfg.masking.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
+    )
     run_name = run_name or default_run_name(resolved)
     log(f"[train] {run_name}: Ray Train, {resolved.train.num_workers} workers, DeepSpeed {resolved.train.deepspeed}")
     trained = run_train(resolved, prepared, model_dir, run_name)
@@ -210,7 +225,11 @@ def run_experiment(
         run_name=run_name,
         history=trained.history,
         eval_metrics=eval_metrics,
-        params={"prepared.key": prepared.manifest["key"], "prepared.path": prepared.path, "model.exported_to": trained.model_dir},
+        params={
+            "prepared.key": prepared.manifest["key"],
+            "prepared.path": prepared.path,
+            "model.exported_to": trained.model_dir,
+        },
         artifacts={
             "task_templates": prepared.task_templates_file,
             "eval": samples_file,

@@ -82,9 +82,7 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 # Records as read: one row per JSONL line / JSON array element / Parquet row.
-RAW_SCHEMA = pa.schema(
-    [("source", pa.string()), ("line", pa.int64()), ("raw", pa.string()), ("error", pa.string())]
-)
+RAW_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("raw", pa.string()), ("error", pa.string())])
 # Validated records: the quarantine columns plus the normalized conversation.
 VALIDATED_SCHEMA = pa.schema(
     [
@@ -166,8 +164,10 @@ def list_source_files(sources: list[str]) -> list[str]:
         if storage.is_s3(source):
             found = storage.list_files(source) if not Path(source).suffix else [source]
         elif any(ch in source for ch in "*?["):
-            found = sorted(str(p) for p in Path().glob(source)) if not os.path.isabs(source) else sorted(
-                str(p) for p in Path("/").glob(source.lstrip("/"))
+            found = (
+                sorted(str(p) for p in Path().glob(source))
+                if not os.path.isabs(source)
+                else sorted(str(p) for p in Path("/").glob(source.lstrip("/")))
             )
         elif Path(source).is_dir():
             found = sorted(str(p) for p in Path(source).rglob("*") if p.is_file())
@@ -233,7 +233,12 @@ def _split_json(source: str, data: bytes) -> pa.Table:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        return _raw_table(source, [1], [data[:2000].decode("utf-8", "replace")], [f"malformed_json|{source}: not valid UTF-8: {error}"])
+        return _raw_table(
+            source,
+            [1],
+            [data[:2000].decode("utf-8", "replace")],
+            [f"malformed_json|{source}: not valid UTF-8: {error}"],
+        )
     decoder = json.JSONDecoder()
     raws: list[str] = []
     errors: list[str | None] = []
@@ -550,7 +555,9 @@ def _reason_counts(batch: pa.Table) -> dict[str, int]:
 def _validation_summary(batch: pa.Table) -> pa.Table:
     """One row per block: rows, bad rows by reason, user turns of the good rows."""
     good_turns = batch.filter(batch.column("ok")).column("turns")
-    user_turns = int(pc.sum(pc.divide(pc.add(pc.list_value_length(good_turns), 1), 2)).as_py() or 0) if len(good_turns) else 0
+    user_turns = (
+        int(pc.sum(pc.divide(pc.add(pc.list_value_length(good_turns), 1), 2)).as_py() or 0) if len(good_turns) else 0
+    )
     summary = {"rows": batch.num_rows, "reasons": _reason_counts(batch), "user_turns": user_turns}
     return pa.table({"summary": [json.dumps(summary)]})
 
@@ -620,7 +627,11 @@ def _list_array(arrays: list[np.ndarray], dtype) -> pa.Array:
     lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(arrays).astype(dtype.to_pandas_dtype(), copy=False) if arrays else np.zeros(0, dtype.to_pandas_dtype())
+    values = (
+        np.concatenate(arrays).astype(dtype.to_pandas_dtype(), copy=False)
+        if arrays
+        else np.zeros(0, dtype.to_pandas_dtype())
+    )
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, dtype))
 
 
@@ -744,7 +755,14 @@ def _materialize(ds, stage: str, progress: Progress | None, schema: pa.Schema, t
 def preparation_inputs(cfg: ExperimentConfig, files: list[str], model_dir: str) -> dict[str, Any]:
     """Everything that determines the prepared output (what the folder key hashes)."""
     tokenizer_files = {}
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "config.json", "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "config.json",
+        "chat_template.jinja",
+    ):
         path = Path(model_dir, name)
         if path.exists():
             tokenizer_files[name] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -839,7 +857,11 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
     cpus = data_cpus or cluster_cpus()
     task_cpus = 1.0 if cpus >= 1 else cpus
     block_rows = rows_per_block(files, cpus)
-    image_filesystem = storage.filesystem(cfg.data.image_root)[0] if cfg.data.image_root and storage.is_s3(cfg.data.image_root) else None
+    image_filesystem = (
+        storage.filesystem(cfg.data.image_root)[0]
+        if cfg.data.image_root and storage.is_s3(cfg.data.image_root)
+        else None
+    )
 
     # 1. read + validate
     say(f"[prepare] read and validate {len(files)} file(s) on {cpus:g} CPUs -> {out}")
@@ -892,7 +914,9 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
 
     # 3. encode
     stage = time.perf_counter()
-    say(f"[prepare] tokenize and segment {rows_valid:,} rows ({cfg.data.chat_template}, max_length {cfg.data.max_length}, {Path(model_dir).name})")
+    say(
+        f"[prepare] tokenize and segment {rows_valid:,} rows ({cfg.data.chat_template}, max_length {cfg.data.max_length}, {Path(model_dir).name})"
+    )
     model_config = AutoConfig.from_pretrained(model_dir)
     spec_kwargs = {
         "template": cfg.data.chat_template,
@@ -923,7 +947,11 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
     say(
         f"[prepare] tokenized and segmented {rows_valid:,} rows in {timings['encode_s']:.1f} s "
         f"({_rate(rows_valid, timings['encode_s'])})"
-        + (f"; {sum(encoding_reasons.values()):,} failed ({_reasons_text(encoding_reasons)})" if encoding_reasons else "")
+        + (
+            f"; {sum(encoding_reasons.values()):,} failed ({_reasons_text(encoding_reasons)})"
+            if encoding_reasons
+            else ""
+        )
     )
 
     # 4. write
@@ -942,10 +970,16 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
             parts.append(encoded.filter(expr=~col("ok")).select_columns(QUARANTINE_SCHEMA.names))
         quarantined = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
         quarantined.write_parquet(storage.filesystem(storage.join(out, "quarantine"))[1], filesystem=fs)
-    storage.write_text(storage.join(out, "task_templates.json"), json.dumps(templates.to_dict(), indent=2, ensure_ascii=False))
+    storage.write_text(
+        storage.join(out, "task_templates.json"), json.dumps(templates.to_dict(), indent=2, ensure_ascii=False)
+    )
     timings["write_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - started
-    say(f"[prepare] wrote {rows_written:,} rows of shards" + (f" and {rows_bad:,} quarantined rows" if rows_bad else "") + f" in {timings['write_s']:.1f} s")
+    say(
+        f"[prepare] wrote {rows_written:,} rows of shards"
+        + (f" and {rows_bad:,} quarantined rows" if rows_bad else "")
+        + f" in {timings['write_s']:.1f} s"
+    )
 
     if rows_in != rows_written + rows_bad:
         raise PrepareError(f"row accounting broke: {rows_in} in, {rows_written} written, {rows_bad} quarantined")

@@ -37,14 +37,18 @@ def comparison_table(results: list[ExperimentResult], title: str = "VIT vs L2T")
     table = Table(title=title)
     table.add_column("metric")
     for result in results:
-        table.add_column(f"{result.config.masking.mode} (λI={result.config.masking.lambda_instruction:g}, λA={result.config.masking.lambda_response:g})")
+        table.add_column(
+            f"{result.config.masking.mode} (λI={result.config.masking.lambda_instruction:g}, λA={result.config.masking.lambda_response:g})"
+        )
     for label, getter, fmt in COMPARED:
         values = [getter(r) for r in results]
         table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))
     return table
 
 
-def run_quickstart(output: Path, overrides: list[str] | None = None, console: Console | None = None) -> list[ExperimentResult]:
+def run_quickstart(
+    output: Path, overrides: list[str] | None = None, console: Console | None = None
+) -> list[ExperimentResult]:
     from orchestrator.cluster import connect
     from orchestrator.tracking import start_parent_run, tracking_uri
 
@@ -59,7 +63,14 @@ def run_quickstart(output: Path, overrides: list[str] | None = None, console: Co
     for label, updates in RUNS:
         console.rule(f"[bold]{label}")
         run_cfg = with_overrides(cfg, updates)
-        results.append(run_experiment(run_cfg, run_name=f"quickstart-{label}-{time.strftime('%Y%m%d-%H%M%S')}", parent_run_id=parent, inputs=inputs))
+        results.append(
+            run_experiment(
+                run_cfg,
+                run_name=f"quickstart-{label}-{time.strftime('%Y%m%d-%H%M%S')}",
+                parent_run_id=parent,
+                inputs=inputs,
+            )
+        )
     console.rule("[bold]results")
     console.print(comparison_table(results))
     uri = tracking_uri(cfg)

@@ -53,9 +53,27 @@ import typer
 from orchestrator.config import REPO_ROOT, ConfigError, load_config
 
 # Set here and present on the cluster's side too: the S3 endpoint and region (never keys).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
 # Names that must not be sent with a job: the job's runtime_env is stored by the cluster and shown on the dashboard.
-SECRET_WORDS = {"secret", "token", "password", "passwd", "pwd", "credential", "credentials", "session", "key", "apikey", "private"}
+SECRET_WORDS = {
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "pwd",
+    "credential",
+    "credentials",
+    "session",
+    "key",
+    "apikey",
+    "private",
+}
 URL_USERINFO = re.compile(r"://[^/@\s]+@")
 # Left out of the uploaded working directory (on top of .gitignore, which Ray honours).
 EXCLUDES = [
@@ -209,7 +227,9 @@ def plan_submission(
             )
         warnings.append(f"storage.path {store} is local to each node: fine for a one-machine cluster, not for several")
     if cfg.data.synthetic is not None and store.startswith("s3://"):
-        warnings.append("data.synthetic is generated on local disk: with an s3:// storage.path, generate it once, upload it and set data.sources")
+        warnings.append(
+            "data.synthetic is generated on local disk: with an s3:// storage.path, generate it once, upload it and set data.sources"
+        )
     if not cfg.tracking.uri:
         warnings.append(
             "tracking.uri is unset: MLflow runs go to a SQLite file under storage.path on the cluster; "
@@ -219,7 +239,9 @@ def plan_submission(
     runtime_env: dict[str, Any] = {"env_vars": job_env(env, environ)}
     if image:
         if pip:
-            raise SubmitError("--pip can't be combined with --image (Ray runs an image_uri job as is): install the packages in the image")
+            raise SubmitError(
+                "--pip can't be combined with --image (Ray runs an image_uri job as is): install the packages in the image"
+            )
         runner = "l2t"
         config_arg = str(config)
         runtime_env["image_uri"] = image
@@ -328,7 +350,9 @@ def auth_headers(address: str, environ: dict[str, str] | None = None) -> dict[st
     token = find_token(environ)
     if token is None:
         if mode == "token":
-            raise SubmitError("RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token")
+            raise SubmitError(
+                "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token"
+            )
         return {}
     return {"Authorization": f"Bearer {token}"}
 
@@ -345,7 +369,9 @@ def connect(address: str):
                 f"the cluster at {address} refused the request ({text.splitlines()[0]}). It uses token "
                 "authentication: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
             ) from None
-        raise SubmitError(f"can't reach the Ray dashboard at {address}: {text.splitlines()[0] if text else error!r}") from None
+        raise SubmitError(
+            f"can't reach the Ray dashboard at {address}: {text.splitlines()[0] if text else error!r}"
+        ) from None
 
 
 def submit(submission: Submission, client) -> str:
@@ -396,7 +422,11 @@ def mlflow_link(tracking_uri: str | None, run_id: str, ui_url: str | None = None
     if not base or not base.startswith(("http://", "https://")):
         where = tracking_uri or "a SQLite store under storage.path on the cluster"
         return f"run {run_id} in {_redact(where)}"
-    experiment_id = _experiment_of(tracking_uri, run_id) if tracking_uri and tracking_uri.startswith(("http://", "https://")) else None
+    experiment_id = (
+        _experiment_of(tracking_uri, run_id)
+        if tracking_uri and tracking_uri.startswith(("http://", "https://"))
+        else None
+    )
     base = _redact(base.rstrip("/"))
     if experiment_id is None:
         return f"{base} (run {run_id})"
@@ -478,21 +508,48 @@ def run(
 
 
 def command(
-    config: Annotated[Path, typer.Argument(help="Experiment config, inside the working directory (or, with --image, inside the image).")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. storage.path=s3://bucket/l2t", show_default=False)] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265 (else RAY_API_SERVER_ADDRESS or RAY_ADDRESS).")] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="Run `l2t sweep` (the λ grid) instead of `l2t train`.")] = False,
-    working_dir: Annotated[Path, typer.Option(help="Uploaded as the job's working directory (.gitignore honoured).")] = Path("."),
-    image: Annotated[Optional[str], typer.Option(help="Container image with l2t installed (Ray image_uri); no upload.")] = None,
+    config: Annotated[
+        Path,
+        typer.Argument(help="Experiment config, inside the working directory (or, with --image, inside the image)."),
+    ],
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Dotted overrides, e.g. storage.path=s3://bucket/l2t", show_default=False),
+    ] = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265 (else RAY_API_SERVER_ADDRESS or RAY_ADDRESS)."),
+    ] = None,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="Run `l2t sweep` (the λ grid) instead of `l2t train`.")
+    ] = False,
+    working_dir: Annotated[
+        Path, typer.Option(help="Uploaded as the job's working directory (.gitignore honoured).")
+    ] = Path("."),
+    image: Annotated[
+        Optional[str], typer.Option(help="Container image with l2t installed (Ray image_uri); no upload.")
+    ] = None,
     pip: Annotated[Optional[list[str]], typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
-    env: Annotated[Optional[list[str]], typer.Option(help="KEY=VALUE for the job (repeatable); credentials are refused.")] = None,
-    submission_id: Annotated[Optional[str], typer.Option(help="Job id; default l2t-<command>-<name>-<time>-<hex>.")] = None,
+    env: Annotated[
+        Optional[list[str]], typer.Option(help="KEY=VALUE for the job (repeatable); credentials are refused.")
+    ] = None,
+    submission_id: Annotated[
+        Optional[str], typer.Option(help="Job id; default l2t-<command>-<name>-<time>-<hex>.")
+    ] = None,
     entrypoint_num_cpus: Annotated[Optional[float], typer.Option(help="CPUs reserved for the driver.")] = None,
-    entrypoint_num_gpus: Annotated[Optional[float], typer.Option(help="GPUs reserved for the driver (e.g. 1 to evaluate on a GPU node).")] = None,
+    entrypoint_num_gpus: Annotated[
+        Optional[float], typer.Option(help="GPUs reserved for the driver (e.g. 1 to evaluate on a GPU node).")
+    ] = None,
     entrypoint_memory: Annotated[Optional[int], typer.Option(help="Memory (bytes) reserved for the driver.")] = None,
-    entrypoint_resource: Annotated[Optional[list[str]], typer.Option(help="NAME=AMOUNT custom resource for the driver (repeatable).")] = None,
-    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Stream the driver's logs until the job ends.")] = True,
-    mlflow_ui: Annotated[Optional[str], typer.Option(help="MLflow UI address for the final link (default: the config's tracking.uri).")] = None,
+    entrypoint_resource: Annotated[
+        Optional[list[str]], typer.Option(help="NAME=AMOUNT custom resource for the driver (repeatable).")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Stream the driver's logs until the job ends.")
+    ] = True,
+    mlflow_ui: Annotated[
+        Optional[str], typer.Option(help="MLflow UI address for the final link (default: the config's tracking.uri).")
+    ] = None,
 ) -> None:
     """Run `l2t train` (or `l2t sweep`) on a Ray cluster as a Ray Job; follow its logs; link its MLflow run."""
     try:

@@ -32,8 +32,8 @@ from orchestrator.cluster import cluster_cpus
 from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict
 from orchestrator.evaluate import evaluate_model
 from orchestrator.pipeline import log, mask_example_html, prepare_inputs, with_overrides
-from orchestrator.train import LIGHT_TASK_CPUS
 from orchestrator.prepare import PreparedData
+from orchestrator.train import LIGHT_TASK_CPUS
 
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
 SWEEP_STATE = "sweep.json"
@@ -52,7 +52,9 @@ def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     if s.search == "points":
         points = [dict(p) for p in s.points]
     elif not axes:
-        raise ConfigError("sweep: nothing to sweep; set sweep.lambda_instruction, sweep.lambda_response or sweep.parameters")
+        raise ConfigError(
+            "sweep: nothing to sweep; set sweep.lambda_instruction, sweep.lambda_response or sweep.parameters"
+        )
     elif s.search == "random":
         rng = random.Random(s.seed)
         points = [{k: rng.choice(v) for k, v in axes.items()} for _ in range(s.num_samples)]
@@ -82,7 +84,10 @@ def trial_layout(cfg: ExperimentConfig, points: int) -> tuple[int, float]:
     concurrent = cfg.sweep.max_concurrent_trials or max(1, min(points, int(cpus // (workers * 0.5))))
     # Beside its workers each trial holds its trial function and one row-selecting Ray Data task per rank.
     per_trial_extra = TRIAL_CPU + workers * LIGHT_TASK_CPUS
-    per_worker = cfg.train.cpus_per_worker or math.floor(100 * (cpus - per_trial_extra * concurrent) / (concurrent * workers)) / 100
+    per_worker = (
+        cfg.train.cpus_per_worker
+        or math.floor(100 * (cpus - per_trial_extra * concurrent) / (concurrent * workers)) / 100
+    )
     if per_worker <= 0:
         raise ConfigError(f"sweep: {concurrent} concurrent trials of {workers} workers do not fit {cpus:g} CPUs")
     return concurrent, min(per_worker, 1.0)
@@ -96,7 +101,9 @@ class SweepResult:
     trials: list[dict[str, Any]]
 
 
-def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_path: str, dataset, sweep_path: str) -> None:
+def _trial(
+    config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_path: str, dataset, sweep_path: str
+) -> None:
     """One Tune trial: a Ray Train fit reporting to Tune, then evaluation on the held-out questions."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -136,7 +143,13 @@ def _trial(config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_p
 def _report_final(last_step: dict[str, Any], eval_metrics: dict[str, float]) -> None:
     import ray.tune
 
-    ray.tune.report({**{k: v for k, v in last_step.items() if isinstance(v, (int, float))}, **{f"eval/{k}": v for k, v in eval_metrics.items()}, "evaluated": 1})
+    ray.tune.report(
+        {
+            **{k: v for k, v in last_step.items() if isinstance(v, (int, float))},
+            **{f"eval/{k}": v for k, v in eval_metrics.items()},
+            "evaluated": 1,
+        }
+    )
 
 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
@@ -155,14 +168,20 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     resolved, model_dir, prepared = prepare_inputs(cfg)
     concurrent, worker_cpus = trial_layout(resolved, len(points))
     resolved = with_overrides(resolved, {"train.cpus_per_worker": worker_cpus, "train.ingest": "materialize"})
-    log(f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {resolved.train.num_workers} workers x {worker_cpus:g} CPU each -> {path}")
+    log(
+        f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {resolved.train.num_workers} workers x {worker_cpus:g} CPU each -> {path}"
+    )
 
     state_uri = storage.join(path, SWEEP_STATE)
     if storage.exists(state_uri):
         state = json.loads(storage.read_text(state_uri))
         log(f"[sweep] resuming {name} (MLflow parent run {state['parent_run_id']})")
     else:
-        state = {"name": name, "points": points, "parent_run_id": start_parent_run(resolved, name, tags={"l2t.sweep": name})}
+        state = {
+            "name": name,
+            "points": points,
+            "parent_run_id": start_parent_run(resolved, name, tags={"l2t.sweep": name}),
+        }
         storage.write_text(state_uri, json.dumps(state, indent=2))
 
     # Images are loaded once for every trial: the materialized blocks stay in the object store.
@@ -170,7 +189,12 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     dataset = training_dataset(prepared, model_dir, resolved.data.image_root, data_cpus).materialize()
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            _trial, cfg_json=resolved.model_dump(mode="json"), model_dir=model_dir, prepared_path=prepared.path, dataset=dataset, sweep_path=path
+            _trial,
+            cfg_json=resolved.model_dump(mode="json"),
+            model_dir=model_dir,
+            prepared_path=prepared.path,
+            dataset=dataset,
+            sweep_path=path,
         ),
         {"CPU": TRIAL_CPU},
     )
@@ -192,7 +216,13 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     fs, fs_root = storage.filesystem(root)
     tune_path = storage.join(root, name)
     if ray.tune.Tuner.can_restore(storage.filesystem(tune_path)[1] if not storage.is_s3(tune_path) else tune_path):
-        tuner = ray.tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs if storage.is_s3(tune_path) else None)
+        tuner = ray.tune.Tuner.restore(
+            tune_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs if storage.is_s3(tune_path) else None,
+        )
     else:
         tuner = ray.tune.Tuner(
             trainable,
@@ -228,7 +258,11 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
     parent = state["parent_run_id"]
     logged = {
         r.data.tags.get("l2t.trial_id")
-        for r in mlflow.search_runs(experiment_names=[cfg.tracking.experiment], filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
+        for r in mlflow.search_runs(
+            experiment_names=[cfg.tracking.experiment],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+            output_format="list",
+        )
     }
     trials = []
     for result in results:
@@ -239,7 +273,13 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
         run_path = storage.join(storage.absolute(cfg.storage.path), "runs", run_name)
         summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else None
         status = "completed" if summary else ("errored" if result.error else "stopped_early")
-        trial = {"trial_id": trial_id, "point": point, "status": status, "run_name": run_name, "eval": (summary or {}).get("eval", {})}
+        trial = {
+            "trial_id": trial_id,
+            "point": point,
+            "status": status,
+            "run_name": run_name,
+            "eval": (summary or {}).get("eval", {}),
+        }
         trials.append(trial)
         if trial_id in logged:
             continue
@@ -257,7 +297,11 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
             run_name=run_name,
             history=history,
             eval_metrics=trial["eval"],
-            params={"prepared.key": prepared.manifest["key"], "sweep.name": state["name"], "model.exported_to": (summary or {}).get("model_dir", "")},
+            params={
+                "prepared.key": prepared.manifest["key"],
+                "sweep.name": state["name"],
+                "model.exported_to": (summary or {}).get("model_dir", ""),
+            },
             artifacts=artifacts,
             parent_run_id=parent,
             tags={"l2t.trial_id": trial_id, "l2t.trial_status": status, "l2t.sweep": state["name"]},

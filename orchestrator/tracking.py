@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ExperimentConfig, REPO_ROOT
+from orchestrator.config import REPO_ROOT, ExperimentConfig
 
 
 class TrackingError(RuntimeError):

@@ -163,7 +163,11 @@ def read_prepared_rows(prepared: PreparedData) -> PreparedRows:
     import pyarrow.parquet as pq
 
     fs, root = storage.filesystem(prepared.shards)
-    files = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if info.path.endswith(".parquet"))
+    files = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if info.path.endswith(".parquet")
+    )
     lengths, chunks, first = [], [], 0
     for path in files:
         with fs.open_input_file(path) as handle:
@@ -172,7 +176,9 @@ def read_prepared_rows(prepared: PreparedData) -> PreparedRows:
                 column = reader.read_row_group(index, columns=["length"]).column("length").to_numpy()
                 for start in range(0, len(column), READ_CHUNK_ROWS):
                     stop = min(start + READ_CHUNK_ROWS, len(column))
-                    chunks.append({"path": path, "row_group": index, "start": start, "stop": stop, "first_row": first + start})
+                    chunks.append(
+                        {"path": path, "row_group": index, "start": start, "stop": stop, "first_row": first + start}
+                    )
                 lengths.append(column)
                 first += len(column)
     if not files:
@@ -184,7 +190,14 @@ class LoadRows:
     """Ray Data stage: slices of Parquet row groups -> rows with their `row` number, tokens and `pixel_values`
     (the model's image processor); with `owner` and `rank`, only that rank's rows, kept before any image is opened."""
 
-    def __init__(self, model_dir: str, shards: str, image_root: str | None, owner: np.ndarray | None = None, rank: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        shards: str,
+        image_root: str | None,
+        owner: np.ndarray | None = None,
+        rank: int | None = None,
+    ):
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
@@ -214,7 +227,9 @@ class LoadRows:
 
     def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": []}
-        for path, index, start, stop, first in zip(chunks["path"], chunks["row_group"], chunks["start"], chunks["stop"], chunks["first_row"]):
+        for path, index, start, stop, first in zip(
+            chunks["path"], chunks["row_group"], chunks["start"], chunks["stop"], chunks["first_row"]
+        ):
             columns = self._columns(str(path), int(index))
             rows = int(first) + np.arange(int(stop) - int(start))
             keep = np.arange(len(rows)) if self.rank is None else np.flatnonzero(self.owner[rows] == self.rank)
@@ -226,7 +241,9 @@ class LoadRows:
                 out["row"].append(int(rows[i]))
                 out["input_ids"].append(np.asarray(columns["input_ids"][int(start) + i], dtype=np.int32))
                 out["segments"].append(np.asarray(columns["segments"][int(start) + i], dtype=np.int8))
-                out["pixel_values"].append(pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32))
+                out["pixel_values"].append(
+                    pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32)
+                )
                 cursor += len(images)
         return out
 
@@ -251,7 +268,13 @@ def training_dataset(
     rows = rows or read_prepared_rows(prepared)
     return ray.data.from_items(rows.chunks).map_batches(
         LoadRows,
-        fn_constructor_kwargs={"model_dir": model_dir, "shards": prepared.shards, "image_root": image_root, "owner": owner, "rank": rank},
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "shards": prepared.shards,
+            "image_root": image_root,
+            "owner": owner,
+            "rank": rank,
+        },
         batch_size=1,
         num_cpus=data_cpus,
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -273,7 +296,9 @@ def rank_datasets(plan: BatchPlan, make_dataset, shared=None) -> dict[str, Any]:
     datasets = {}
     for rank in range(plan.world_size):
         if shared is not None:
-            ds = shared.map_batches(_select_rank, fn_kwargs={"owner": owner, "rank": rank}, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS)
+            ds = shared.map_batches(
+                _select_rank, fn_kwargs={"owner": owner, "rank": rank}, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS
+            )
         else:
             ds = make_dataset(owner, rank)
         datasets[dataset_name(rank)] = ds
@@ -291,7 +316,9 @@ def ordered_micro_batches(batches: Iterable[dict], order: np.ndarray, micro_batc
     for batch in batches:
         for i, row in enumerate(batch["row"]):
             pending[int(row)] = {k: batch[k][i] for k in ("input_ids", "segments", "pixel_values")}
-        while position + micro_batch_size <= len(order) and all(int(r) in pending for r in order[position : position + micro_batch_size]):
+        while position + micro_batch_size <= len(order) and all(
+            int(r) in pending for r in order[position : position + micro_batch_size]
+        ):
             chosen = [pending.pop(int(r)) for r in order[position : position + micro_batch_size]]
             yield {k: [row[k] for row in chosen] for k in chosen[0]}
             position += micro_batch_size
@@ -407,7 +434,9 @@ def read_history(log_uri: str) -> list[dict[str, Any]]:
 def _run_fingerprint(spec: TrainSpec, prepared: PreparedData, plan: BatchPlan) -> str:
     settings = {k: v for k, v in asdict(spec).items() if k not in ("fail_at_step", "fail_marker")}
     plan_settings = {k: v for k, v in asdict(plan).items() if k != "lengths"}
-    blob = json.dumps({"spec": settings, "data": prepared.manifest.get("key"), "plan": plan_settings}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"spec": settings, "data": prepared.manifest.get("key"), "plan": plan_settings}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -449,7 +478,14 @@ def run_train(
     for key, value in (spec_overrides or {}).items():
         setattr(spec, key, value)
     rows = read_prepared_rows(prepared)
-    plan = BatchPlan(rows.lengths, spec.micro_batch_size, spec.gradient_accumulation, cfg.train.num_workers, length_group_steps, spec.seed)
+    plan = BatchPlan(
+        rows.lengths,
+        spec.micro_batch_size,
+        spec.gradient_accumulation,
+        cfg.train.num_workers,
+        length_group_steps,
+        spec.seed,
+    )
     spec.steps_per_epoch = plan.steps_per_epoch
     data = {
         "rows": len(rows.lengths),

@@ -17,7 +17,13 @@ def synthetic_data(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("synthetic")
     return write_synthetic_dataset(
-        out, train_rows=400, eval_rows=40, seed=0, max_objects=1, image_size=32, kinds=("color", "shape", "exists", "caption")
+        out,
+        train_rows=400,
+        eval_rows=40,
+        seed=0,
+        max_objects=1,
+        image_size=32,
+        kinds=("color", "shape", "exists", "caption"),
     )
 
 
@@ -81,7 +87,12 @@ def experiment_config(storage_path: Path | str, **sections):
     raw = {
         "name": "test",
         "data": {
-            "synthetic": {"train_rows": 400, "eval_rows": 40, "max_objects": 1, "kinds": ["color", "shape", "exists", "caption"]},
+            "synthetic": {
+                "train_rows": 400,
+                "eval_rows": 40,
+                "max_objects": 1,
+                "kinds": ["color", "shape", "exists", "caption"],
+            },
             "chat_template": "vicuna_v1",
             "max_length": 128,
         },
@@ -111,10 +122,20 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

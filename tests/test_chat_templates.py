@@ -219,9 +219,14 @@ FAST_TEMPLATES = ("Answer briefly.", "Why?", "Describe it", "a b", "Really?!")
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.sampled_from(FAST_TEMPLATES + ("Answer", "briefly", "it", "a", "b", ".", "?", "!", "x.", "y?"))),
-                min_size=1, max_size=12),
-       st.lists(st.sampled_from(["", " ", " ", "\n", " \n", "\n ", ". ", "! "]), min_size=12, max_size=12))
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(FAST_TEMPLATES + ("Answer", "briefly", "it", "a", "b", ".", "?", "!", "x.", "y?"))),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.sampled_from(["", " ", " ", "\n", " \n", "\n ", ". ", "! "]), min_size=12, max_size=12),
+)
 def test_fast_template_search_matches_sentence_splitting(words, separators):
     text = "".join(w + s for w, s in zip(words, separators))
     task_set = task_template_set(FAST_TEMPLATES)
@@ -239,7 +244,9 @@ def test_qwen2_golden_tokens(family):
     """Token level: in ChatML every piece boundary is a special token or a newline, so runs decode exactly."""
     from workloads.segments import EncodeSpec, encode_conversations
 
-    tokenizer = train_tokenizer(["What animal is this? Cat. It is black and white."] * 20, family=family, vocab_size=320)
+    tokenizer = train_tokenizer(
+        ["What animal is this? Cat. It is black and white."] * 20, family=family, vocab_size=320
+    )
     (row,) = encode_conversations([TWO_ROUNDS], tokenizer, EncodeSpec("qwen2", 2, 1000, task_templates=(VQA,)))
     ids, segments = row.input_ids.tolist(), row.segments.tolist()
     runs, start = [], 0

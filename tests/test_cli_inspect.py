@@ -15,8 +15,11 @@ def invoke(synthetic_data, tiny_model_dir, tmp_path):
         result = CliRunner().invoke(
             app,
             [
-                "data", "inspect", str(synthetic_data.train_file),
-                "--config", str(CONFIG_DIR / "quickstart.yaml"),
+                "data",
+                "inspect",
+                str(synthetic_data.train_file),
+                "--config",
+                str(CONFIG_DIR / "quickstart.yaml"),
                 *args,
                 f"model.name_or_path={tiny_model_dir}",
                 f"storage.path={tmp_path}",
@@ -40,7 +43,10 @@ def test_json_lists_every_token_with_segment_and_weight(invoke):
     assert by_segment["system"] == {0.0} and by_segment["role"] == {0.0} and by_segment["image"] == {0.0}
     assert len([t for t in tokens if t["segment"] == "image"]) == 17
     # Task templates come from the inspected rows when no list is configured.
-    assert any(r["tokens"] and any(t["segment"] == "task_template" for t in r["tokens"]) for r in json.loads(invoke("--format", "json", "--limit", "20")))
+    assert any(
+        r["tokens"] and any(t["segment"] == "task_template" for t in r["tokens"])
+        for r in json.loads(invoke("--format", "json", "--limit", "20"))
+    )
 
 
 def test_html_is_a_standalone_page_and_text_shows_segments(invoke):
@@ -51,5 +57,16 @@ def test_html_is_a_standalone_page_and_text_shows_segments(invoke):
 
 
 def test_bad_mode_is_refused(synthetic_data, tiny_model_dir):
-    result = CliRunner().invoke(app, ["data", "inspect", str(synthetic_data.train_file), "--config", str(CONFIG_DIR / "quickstart.yaml"), "--mode", "everything"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "inspect",
+            str(synthetic_data.train_file),
+            "--config",
+            str(CONFIG_DIR / "quickstart.yaml"),
+            "--mode",
+            "everything",
+        ],
+    )
     assert result.exit_code == 2 and "--mode must be one of" in result.output

@@ -21,8 +21,12 @@ def test_every_yaml_in_configs_loads(path):
     assert isinstance(cfg, ExperimentConfig)
     header = path.read_text().split("\n\n")[0]
     assert header.lstrip().startswith("#"), "each recipe starts with a header comment giving its launch command"
-    launches = [line.lstrip("# ").strip() for line in header.splitlines() if line.lstrip("# ").startswith(("l2t ", "kubectl "))]
-    assert any(f"configs/{path.name}" in line for line in launches), f"{path.name}: no launch command naming the file in its header"
+    launches = [
+        line.lstrip("# ").strip() for line in header.splitlines() if line.lstrip("# ").startswith(("l2t ", "kubectl "))
+    ]
+    assert any(f"configs/{path.name}" in line for line in launches), (
+        f"{path.name}: no launch command naming the file in its header"
+    )
 
 
 @pytest.mark.parametrize("name", ["tinyllava_0.5b_lambda_grid.yaml", "llava15_7b_lambda_grid.yaml"])
@@ -30,10 +34,21 @@ def test_production_configs_follow_the_papers_recipe(name):
     cfg = load_config(CONFIG_DIR / name)
     train = cfg.train
     assert train.num_workers * train.micro_batch_size * train.gradient_accumulation == 128
-    assert (train.lr, train.epochs, train.max_steps, train.lr_schedule, train.warmup_ratio) == (2e-5, 1.0, None, "cosine", 0.03)
-    assert train.use_gpu and json.loads((CONFIG_DIR.parent / train.deepspeed).read_text())["zero_optimization"]["stage"] == 3
+    assert (train.lr, train.epochs, train.max_steps, train.lr_schedule, train.warmup_ratio) == (
+        2e-5,
+        1.0,
+        None,
+        "cosine",
+        0.03,
+    )
+    assert (
+        train.use_gpu
+        and json.loads((CONFIG_DIR.parent / train.deepspeed).read_text())["zero_optimization"]["stage"] == 3
+    )
     assert cfg.model.freeze == "vision_tower" and cfg.model.dtype == "bfloat16"
-    assert 0.0 in cfg.sweep.lambda_instruction and len(cfg.sweep.lambda_instruction) * len(cfg.sweep.lambda_response) == 9
+    assert (
+        0.0 in cfg.sweep.lambda_instruction and len(cfg.sweep.lambda_instruction) * len(cfg.sweep.lambda_response) == 9
+    )
 
 
 @pytest.mark.parametrize("path", sorted((CONFIG_DIR / "deepspeed").glob("*.json")), ids=lambda p: p.name)
@@ -58,7 +73,9 @@ def test_wrong_type_names_the_key(tmp_path):
 
 
 def test_overrides_apply_and_validate():
-    cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["train.lr=1e-4", "masking.mode=response", "masking.lambda_instruction=0"])
+    cfg = load_config(
+        CONFIG_DIR / "quickstart.yaml", ["train.lr=1e-4", "masking.mode=response", "masking.lambda_instruction=0"]
+    )
     assert cfg.train.lr == 1e-4
     assert cfg.masking.mode == "response"
     assert cfg.masking.lambda_instruction == 0

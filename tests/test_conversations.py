@@ -28,7 +28,12 @@ def test_llava_single_image():
     conv = parse_record(llava([human("<image>\nWhat is it?"), gpt("A cat."), human("Color?"), gpt("Black.")]))
     assert conv == Conversation(
         id="row-7",
-        turns=(Turn("user", "<image>\nWhat is it?"), Turn("assistant", "A cat."), Turn("user", "Color?"), Turn("assistant", "Black.")),
+        turns=(
+            Turn("user", "<image>\nWhat is it?"),
+            Turn("assistant", "A cat."),
+            Turn("user", "Color?"),
+            Turn("assistant", "Black."),
+        ),
         images=("cat.jpg",),
         system=None,
     )
@@ -162,7 +167,10 @@ def test_reason_image_in_response():
 def test_messages_errors_name_the_row():
     record = {"id": "r9", "messages": [{"role": "user", "content": "Hi"}, {"role": "critic", "content": "x"}]}
     assert reason_of(record, "messages") == "unknown_role"
-    record = {"id": "r9", "messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "x"}]}
+    record = {
+        "id": "r9",
+        "messages": [{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "x"}],
+    }
     assert reason_of(record) == "bad_type"
 
 

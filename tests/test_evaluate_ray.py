@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import experiment_config
 
 pytestmark = pytest.mark.ray
@@ -19,11 +18,26 @@ def question_file(synthetic_data, tmp_path_factory):
     rows = [json.loads(line) for line in Path(synthetic_data.eval_file).read_text().splitlines()[:20]]
     image = rows[0]["image"]
     rows += [
-        {"question_id": "vqav2", "image": image, "text": "What color is the shape?\nAnswer the question using a single word or phrase.",
-         "answers": [{"answer": a} for a in ["red"] * 6 + ["orange"] * 4]},
-        {"question_id": "pope", "image": image, "text": "Is there a red circle in the image?", "label": "yes", "category": "random"},
-        {"question_id": "mc", "image": image, "text": "What shape is it?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
-         "choices": ["circle", "square"], "answer": "A"},
+        {
+            "question_id": "vqav2",
+            "image": image,
+            "text": "What color is the shape?\nAnswer the question using a single word or phrase.",
+            "answers": [{"answer": a} for a in ["red"] * 6 + ["orange"] * 4],
+        },
+        {
+            "question_id": "pope",
+            "image": image,
+            "text": "Is there a red circle in the image?",
+            "label": "yes",
+            "category": "random",
+        },
+        {
+            "question_id": "mc",
+            "image": image,
+            "text": "What shape is it?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
+            "choices": ["circle", "square"],
+            "answer": "A",
+        },
         {"question_id": "unanswered", "image": image, "text": "What color is the shape?"},
     ]
     path = tmp_path_factory.mktemp("questions") / "mixed.jsonl"
@@ -37,7 +51,9 @@ def _cli():
     return app
 
 
-def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(ray_cluster, tiny_model_dir, synthetic_data, question_file, tmp_path):
+def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(
+    ray_cluster, tiny_model_dir, synthetic_data, question_file, tmp_path
+):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
     from typer.testing import CliRunner
 
@@ -46,16 +62,39 @@ def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(ray_cluster, tiny
     from workloads.segments import EncodeSpec
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(_cli(), [
-        "eval", tiny_model_dir, "--suite", str(question_file), "--suite", "synthetic", "--output", str(out),
-        "--image-root", str(synthetic_data.image_root), "--chat-template", "vicuna_v1", "--synthetic-rows", "12",
-        "--batch-size", "6", "--concurrency", "2", "--max-new-tokens", "5",
-    ], terminal_width=200)
+    result = CliRunner().invoke(
+        _cli(),
+        [
+            "eval",
+            tiny_model_dir,
+            "--suite",
+            str(question_file),
+            "--suite",
+            "synthetic",
+            "--output",
+            str(out),
+            "--image-root",
+            str(synthetic_data.image_root),
+            "--chat-template",
+            "vicuna_v1",
+            "--synthetic-rows",
+            "12",
+            "--batch-size",
+            "6",
+            "--concurrency",
+            "2",
+            "--max-new-tokens",
+            "5",
+        ],
+        terminal_width=200,
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "VC / token" in result.output and "mixed" in result.output and "synthetic" in result.output
     questions = load_question_file(str(question_file))
     lines = [json.loads(line) for line in (out / "mixed" / "samples.jsonl").read_text().splitlines()]
-    assert [r["question_id"] for r in lines] == [q["question_id"] for q in questions], "one row per question, in file order"
+    assert [r["question_id"] for r in lines] == [q["question_id"] for q in questions], (
+        "one row per question, in file order"
+    )
     table = pq.read_table(out / "mixed" / "samples.parquet").to_pylist()
     assert [r["question_id"] for r in table] == [r["question_id"] for r in lines]
     assert [r["vc_sum"] for r in table] == [r["vc_sum"] for r in lines]
@@ -66,9 +105,13 @@ def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(ray_cluster, tiny
     assert by_id["unanswered"]["vc_sum"] is None and by_id["unanswered"]["correct"] is None
     mixed = json.loads((out / "mixed" / "metrics.json").read_text())["metrics"]
     assert mixed["eval_samples"] == len(questions)
-    assert {"accuracy", "accuracy_multiple_choice", "pope_f1", "vc_mean", "caption_cider", "caption_bleu4"} <= set(mixed)
+    assert {"accuracy", "accuracy_multiple_choice", "pope_f1", "vc_mean", "caption_cider", "caption_bleu4"} <= set(
+        mixed
+    )
 
-    missing = CliRunner().invoke(_cli(), ["eval", tiny_model_dir, "--suite", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "x")])
+    missing = CliRunner().invoke(
+        _cli(), ["eval", tiny_model_dir, "--suite", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "x")]
+    )
     assert missing.exit_code == 2 and "neither 'synthetic' nor an existing question file" in missing.output
 
     summary = json.loads((out / "metrics.json").read_text())
@@ -83,8 +126,16 @@ def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(ray_cluster, tiny
     # The same questions in one process, in one batch: the same teacher-forced numbers.
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     spec = EncodeSpec("vicuna_v1", 17, 128)
-    _, samples = evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), AutoImageProcessor.from_pretrained(tiny_model_dir),
-                          questions, synthetic_data.image_root, spec, batch_size=len(questions), max_new_tokens=5)
+    _, samples = evaluate(
+        model,
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        AutoImageProcessor.from_pretrained(tiny_model_dir),
+        questions,
+        synthetic_data.image_root,
+        spec,
+        batch_size=len(questions),
+        max_new_tokens=5,
+    )
     for sample, row in zip(samples, lines):
         assert sample.question_id == row["question_id"]
         if sample.vc_sum is None:
@@ -101,11 +152,18 @@ def test_evaluate_model_is_a_drop_in_for_the_pipeline(ray_cluster, tiny_model_di
 
     prepared_dir = tmp_path / "prepared"
     prepared_dir.mkdir()
-    TaskTemplateList.from_sentences(["Answer the question using a single word or phrase."]).save(prepared_dir / "task_templates.json")
+    TaskTemplateList.from_sentences(["Answer the question using a single word or phrase."]).save(
+        prepared_dir / "task_templates.json"
+    )
     prepared = PreparedData(path=str(prepared_dir), manifest={"num_image_tokens": 17, "chat_template": "vicuna_v1"})
     cfg = experiment_config(
         tmp_path,
-        data={"synthetic": None, "sources": [str(synthetic_data.train_file)], "image_root": str(synthetic_data.image_root), "eval_file": str(synthetic_data.eval_file)},
+        data={
+            "synthetic": None,
+            "sources": [str(synthetic_data.train_file)],
+            "image_root": str(synthetic_data.image_root),
+            "eval_file": str(synthetic_data.eval_file),
+        },
         eval={"max_rows": 16, "batch_size": 8, "max_new_tokens": 4},
     )
     out_file = str(tmp_path / "run" / "eval_samples.jsonl")

@@ -34,7 +34,6 @@ from workloads.evaluation import (
 from workloads.metrics import bleu4, cider_d
 from workloads.segments import EncodeSpec
 
-
 # ---------------------------------------------------------------- question rows
 
 
@@ -42,9 +41,12 @@ VQAV2_ROW = {
     "question_id": 262148000,
     "image": "COCO_val2014_000000262148.jpg",
     "text": "Where is he looking?\nAnswer the question using a single word or phrase.",
-    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(
-        ["down", "down", "at table", "skateboard", "down", "table", "down", "down", "down", "down"]
-    )],
+    "answers": [
+        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+        for i, a in enumerate(
+            ["down", "down", "at table", "skateboard", "down", "table", "down", "down", "down", "down"]
+        )
+    ],
 }
 
 
@@ -62,22 +64,42 @@ def test_vqav2_row_keeps_all_ten_answers_and_teacher_forces_the_most_frequent():
 
 
 def test_two_matches_among_ten_answers_score_point_six():
-    row = {"question_id": 1, "image": "x.png", "text": "How many?", "answers": ["2", "2", "3", "3", "3", "3", "3", "3", "3", "3"]}
+    row = {
+        "question_id": 1,
+        "image": "x.png",
+        "text": "How many?",
+        "answers": ["2", "2", "3", "3", "3", "3", "3", "3", "3", "3"],
+    }
     q = normalize_question(row)
     assert q["answer"] == "3"
     assert score_prediction(q, "two") == pytest.approx(0.6)  # "two" -> "2" by the VQA normalization
 
 
 def test_pope_rows_are_recognized_by_their_label():
-    q = normalize_question({"question_id": 7, "image": "a.jpg", "text": "Is there a snowboard in the image?", "label": "no", "category": "adversarial"})
+    q = normalize_question(
+        {
+            "question_id": 7,
+            "image": "a.jpg",
+            "text": "Is there a snowboard in the image?",
+            "label": "no",
+            "category": "adversarial",
+        }
+    )
     assert q["kind"] == "pope" and q["answer"] == "no" and q["references"] == ["no"] and q["category"] == "adversarial"
-    assert score_prediction(q, "No, there is not.") == 0.0  # accuracy is exact match; POPE's yes/no rule is in summarize
+    assert (
+        score_prediction(q, "No, there is not.") == 0.0
+    )  # accuracy is exact match; POPE's yes/no rule is in summarize
     assert score_prediction(q, "no") == 1.0
 
 
 def test_multiple_choice_rows_score_by_the_option_picked():
-    row = {"question_id": "mc1", "image": "a.png", "text": "What color is the circle?\nA. red\nB. green\nC. blue\nAnswer with the option's letter from the given choices directly.",
-           "choices": ["red", "green", "blue"], "answer": "B"}
+    row = {
+        "question_id": "mc1",
+        "image": "a.png",
+        "text": "What color is the circle?\nA. red\nB. green\nC. blue\nAnswer with the option's letter from the given choices directly.",
+        "choices": ["red", "green", "blue"],
+        "answer": "B",
+    }
     q = normalize_question(row)
     assert q["kind"] == "multiple_choice"
     assert score_prediction(q, "B") == 1.0
@@ -87,7 +109,15 @@ def test_multiple_choice_rows_score_by_the_option_picked():
 
 
 def test_captions_are_not_scored_per_sample_and_rows_without_answers_are_kept():
-    caption = normalize_question({"question_id": "c", "image": "a.png", "question": "Describe the image.", "answers": ["A dog.", "A brown dog."], "kind": "caption"})
+    caption = normalize_question(
+        {
+            "question_id": "c",
+            "image": "a.png",
+            "question": "Describe the image.",
+            "answers": ["A dog.", "A brown dog."],
+            "kind": "caption",
+        }
+    )
     assert caption["answer"] == "A dog." and caption["references"] == ["A dog.", "A brown dog."]
     assert score_prediction(caption, "A dog.") is None
     bare = normalize_question({"question_id": "t", "image": "a.png", "prompt": "What is it?"})
@@ -109,7 +139,9 @@ def test_bad_question_rows_are_refused_with_their_position():
 
 
 def test_question_lines_accept_jsonl_json_lists_limits_and_a_default_kind():
-    lines = [json.dumps({"question_id": i, "image": "a.png", "text": "Is there a cat?", "answer": "yes"}) for i in range(5)]
+    lines = [
+        json.dumps({"question_id": i, "image": "a.png", "text": "Is there a cat?", "answer": "yes"}) for i in range(5)
+    ]
     assert len(parse_question_lines(lines, limit=3)) == 3
     assert {q["kind"] for q in parse_question_lines(lines, default_kind="pope")} == {"pope"}
     as_list = json.dumps([json.loads(line) for line in lines])
@@ -122,16 +154,39 @@ def test_question_lines_accept_jsonl_json_lists_limits_and_a_default_kind():
 def _sample(kind, answer, prediction, *, references=None, correct=None, vc=(0.0, 1), objects=None, error=None):
     vc_sum, tokens = vc
     return SampleResult(
-        question_id=f"{kind}-{prediction}-{answer}", kind=kind, question="q", answer=answer, prediction=prediction,
-        correct=correct, logp_with_image=-1.0, logp_null_image=-1.0 - vc_sum, vc_sum=vc_sum, vc_mean=vc_sum / tokens,
-        response_tokens=tokens, references=references or ([answer] if answer else []), objects=objects, error=error,
+        question_id=f"{kind}-{prediction}-{answer}",
+        kind=kind,
+        question="q",
+        answer=answer,
+        prediction=prediction,
+        correct=correct,
+        logp_with_image=-1.0,
+        logp_null_image=-1.0 - vc_sum,
+        vc_sum=vc_sum,
+        vc_mean=vc_sum / tokens,
+        response_tokens=tokens,
+        references=references or ([answer] if answer else []),
+        objects=objects,
+        error=error,
     )
 
 
 def test_summary_of_hand_made_samples():
     captions = [
-        _sample("caption", "A small red circle on the left.", "A small red circle on the left.", objects=["red circle"], vc=(4.0, 8)),
-        _sample("caption", "A large blue square in the center.", "A large green square in the center.", objects=["blue square"], vc=(2.0, 8)),
+        _sample(
+            "caption",
+            "A small red circle on the left.",
+            "A small red circle on the left.",
+            objects=["red circle"],
+            vc=(4.0, 8),
+        ),
+        _sample(
+            "caption",
+            "A large blue square in the center.",
+            "A large green square in the center.",
+            objects=["blue square"],
+            vc=(2.0, 8),
+        ),
     ]
     exists = [  # POPE: tp, fp, tn, fn, tp -> accuracy 3/5, precision 2/3, recall 2/3, yes ratio 3/5
         _sample("exists", "Yes", "Yes", correct=1.0, vc=(1.0, 1)),
@@ -214,7 +269,9 @@ def test_synthetic_suite_is_held_out_and_covers_every_question_kind(suite, synth
 def test_results_do_not_depend_on_batching(tiny, suite):
     model, tokenizer, processor, spec = tiny
     questions, root = suite
-    whole, samples = evaluate(model, tokenizer, processor, questions, root, spec, batch_size=len(questions), max_new_tokens=6)
+    whole, samples = evaluate(
+        model, tokenizer, processor, questions, root, spec, batch_size=len(questions), max_new_tokens=6
+    )
     split, samples_split = evaluate(model, tokenizer, processor, questions, root, spec, batch_size=5, max_new_tokens=6)
     assert [s.question_id for s in samples] == [q["question_id"] for q in questions]
     for a, b in zip(samples, samples_split):
@@ -222,17 +279,32 @@ def test_results_do_not_depend_on_batching(tiny, suite):
         assert a.logp_with_image == pytest.approx(b.logp_with_image, abs=1e-4)
         assert a.response_tokens == b.response_tokens > 0
     assert whole["eval_samples"] == len(questions)
-    assert {"accuracy", "vc_mean", "vc_sum", "pope_f1", "caption_cider", "caption_bleu4", "chair_i", "accuracy_count"} <= set(whole)
+    assert {
+        "accuracy",
+        "vc_mean",
+        "vc_sum",
+        "pope_f1",
+        "caption_cider",
+        "caption_bleu4",
+        "chair_i",
+        "accuracy_count",
+    } <= set(whole)
 
 
 def test_null_images_beam_search_and_awkward_rows(tiny, suite):
     model, tokenizer, processor, spec = tiny
     questions, root = suite
     rows = questions[:4] + [
-        normalize_question({"question_id": "no-answer", "image": questions[0]["image"], "text": "What color is the shape?"}),
+        normalize_question(
+            {"question_id": "no-answer", "image": questions[0]["image"], "text": "What color is the shape?"}
+        ),
         normalize_question({"question_id": "text-only", "text": "Say yes.", "answer": "yes"}),
-        normalize_question({"question_id": "too-long", "image": questions[0]["image"], "text": "Look. " * 200, "answer": "yes"}),
-        normalize_question({"question_id": "missing-image", "image": "images/not-there.png", "text": "What?", "answer": "yes"}),
+        normalize_question(
+            {"question_id": "too-long", "image": questions[0]["image"], "text": "Look. " * 200, "answer": "yes"}
+        ),
+        normalize_question(
+            {"question_id": "missing-image", "image": "images/not-there.png", "text": "What?", "answer": "yes"}
+        ),
     ]
     by_null = {}
     for null in ("noise", "blank", "none"):
@@ -243,7 +315,11 @@ def test_null_images_beam_search_and_awkward_rows(tiny, suite):
     assert noise[first].logp_with_image == pytest.approx(blank[first].logp_with_image, abs=1e-5)
     assert len({round(d[first].logp_null_image, 4) for d in (noise, blank, none)}) == 3  # three different V=∅
     for results in by_null.values():
-        assert results["no-answer"].prediction is not None and results["no-answer"].vc_sum is None and results["no-answer"].correct is None
+        assert (
+            results["no-answer"].prediction is not None
+            and results["no-answer"].vc_sum is None
+            and results["no-answer"].correct is None
+        )
         assert results["text-only"].vc_sum is None and results["text-only"].logp_with_image is not None
         assert results["too-long"].error == "no_trained_tokens"
         assert results["missing-image"].error == "unreadable_image"
@@ -290,7 +366,9 @@ def _train(model_dir, records, image_root, *, steps, see_images, seed=0, batch=1
     for _ in range(steps):
         pick = torch.randint(0, len(encoded), (batch,), generator=generator)
         weights = token_weights(segments[pick], "response")
-        logits = model(input_ids=ids[pick], attention_mask=(segments[pick] != int(Segment.PAD)).long(), pixel_values=pixels[pick]).logits
+        logits = model(
+            input_ids=ids[pick], attention_mask=(segments[pick] != int(Segment.PAD)).long(), pixel_values=pixels[pick]
+        ).logits
         l2t_loss(logits, ids[pick], segments[pick], weights, count_trained_tokens(weights)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -319,7 +397,9 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without_images(tiny_model_dir, color_set, one_torch_thread):
+def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without_images(
+    tiny_model_dir, color_set, one_torch_thread
+):
     records, train_root, questions, root = color_set
     results = {}
     for label, see in (("trained", True), ("never_saw_images", False)):
@@ -327,7 +407,9 @@ def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without
         model, tokenizer, processor, spec = _train(tiny_model_dir, records, train_root, steps=60, see_images=see)
         metrics, _ = evaluate(model, tokenizer, processor, questions, root, spec, max_new_tokens=3)
         results[label] = metrics
-        print(f"{label}: VC/token {metrics['vc_mean']:+.3f}, VC/sample {metrics['vc_sum']:+.3f}, accuracy {metrics['accuracy']:.2f} ({time.perf_counter() - started:.1f} s)")
+        print(
+            f"{label}: VC/token {metrics['vc_mean']:+.3f}, VC/sample {metrics['vc_sum']:+.3f}, accuracy {metrics['accuracy']:.2f} ({time.perf_counter() - started:.1f} s)"
+        )
     trained, blind = results["trained"], results["never_saw_images"]
     assert trained["accuracy"] >= 0.6 and blind["accuracy"] <= 0.4
     assert trained["vc_mean"] > 0.5 and trained["vc_positive_share"] >= 0.8

@@ -31,7 +31,15 @@ DOCKERFILE = INFRA / "docker" / "Dockerfile"
 EXPERIMENT = REPO / "configs" / "llava15_7b_lambda_grid.yaml"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 WORLD = {"0.0.0.0/0", "::/0"}
-KEY_PATTERNS = [re.compile(p) for p in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key\s*[:=]", r"(?i)secret_access_key", r"(?i)BEGIN [A-Z ]*PRIVATE KEY")]
+KEY_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"AKIA[0-9A-Z]{16}",
+        r"(?i)aws_secret_access_key\s*[:=]",
+        r"(?i)secret_access_key",
+        r"(?i)BEGIN [A-Z ]*PRIVATE KEY",
+    )
+]
 
 
 def _ray_version() -> str:
@@ -43,7 +51,9 @@ def _ray_version() -> str:
 def _no_credentials(path: Path) -> None:
     text = path.read_text()
     for pattern in KEY_PATTERNS:
-        assert not pattern.search(text), f"{path.relative_to(REPO)} holds something like a credential: {pattern.pattern}"
+        assert not pattern.search(text), (
+            f"{path.relative_to(REPO)} holds something like a credential: {pattern.pattern}"
+        )
 
 
 # ---------------------------------------------------------------- AWS cluster launcher
@@ -78,7 +88,12 @@ def test_aws_head_takes_no_work_and_gpu_groups_autoscale_from_zero(aws):
     families = {t["node_config"]["InstanceType"].split(".")[0] for t in workers.values()}
     assert {"g5", "p4d", "p5"} <= families
     for family in ("g5", "p4d", "p5"):
-        spot = [t for t in workers.values() if t["node_config"]["InstanceType"].startswith(family + ".") and t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+        spot = [
+            t
+            for t in workers.values()
+            if t["node_config"]["InstanceType"].startswith(family + ".")
+            and t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        ]
         assert spot, f"{family} has a spot node type"
     assert 0 < aws["idle_timeout_minutes"] <= 30
     assert aws["max_workers"] >= max(t["max_workers"] for t in workers.values())
@@ -93,7 +108,9 @@ def test_aws_nodes_run_the_image_with_an_instance_profile_and_token_auth(aws):
         assert re.fullmatch(r"arn:aws:iam::ACCOUNT_ID:instance-profile/l2t-ray-(head|worker)", profile), name
         assert node_type["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/")
     setup = " ".join(aws["setup_commands"])
-    assert "/l2t/ray-auth-token" in setup and "0o600" in setup and "print" not in setup, "the token is fetched, kept private, never printed"
+    assert "/l2t/ray-auth-token" in setup and "0o600" in setup and "print" not in setup, (
+        "the token is fetched, kept private, never printed"
+    )
     assert any("--head" in c and "--autoscaling-config" in c for c in aws["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in aws["worker_start_ray_commands"])
     _no_credentials(AWS_YAML)
@@ -102,7 +119,9 @@ def test_aws_nodes_run_the_image_with_an_instance_profile_and_token_auth(aws):
 def test_aws_opens_no_port_to_the_world_but_ssh(aws):
     rules = aws["provider"].get("security_group", {}).get("IpPermissions", [])
     for rule in rules:
-        ranges = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        ranges = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        }
         if ranges & WORLD:
             assert rule.get("FromPort") == rule.get("ToPort") == 22, f"open to the world: {rule}"
     text = AWS_YAML.read_text()
@@ -119,8 +138,14 @@ def test_iam_policies_grant_the_bucket_not_everything():
             resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
             assert "*" not in actions and not any(a.endswith(":*") for a in actions), f"{name}: {statement['Sid']}"
             if any(a.startswith("s3:") for a in actions):
-                assert all(r.startswith("arn:aws:s3:::L2T_BUCKET") for r in resources), f"{name}: S3 beyond the l2t bucket"
-    worker_actions = {a for s in policies["worker-policy.json"]["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+                assert all(r.startswith("arn:aws:s3:::L2T_BUCKET") for r in resources), (
+                    f"{name}: S3 beyond the l2t bucket"
+                )
+    worker_actions = {
+        a
+        for s in policies["worker-policy.json"]["Statement"]
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
     assert not any(a.startswith(("ec2:", "iam:")) for a in worker_actions), "workers can't launch nodes or pass roles"
     pass_role = [s for s in policies["head-policy.json"]["Statement"] if "iam:PassRole" in s["Action"]]
     assert pass_role and all("l2t-ray-worker" in r for s in pass_role for r in s["Resource"])
@@ -135,7 +160,9 @@ def _docs(path: Path) -> list[dict]:
 
 def _check_string_map(params: dict, where: str) -> None:
     assert isinstance(params, dict), where
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()), f"{where}: rayStartParams values must be strings"
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()), (
+        f"{where}: rayStartParams values must be strings"
+    )
 
 
 def _check_resources(resources: dict, where: str) -> None:
@@ -151,12 +178,17 @@ def _check_cluster_spec(spec: dict, where: str) -> dict:
     assert spec["rayVersion"] == _ray_version(), f"{where}: rayVersion must match the installed Ray"
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["autoscalerOptions"]["upscalingMode"] in ("Default", "Aggressive", "Conservative")
-    assert isinstance(spec["autoscalerOptions"]["idleTimeoutSeconds"], int) and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert (
+        isinstance(spec["autoscalerOptions"]["idleTimeoutSeconds"], int)
+        and spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    )
     assert spec["authOptions"]["mode"] == "token"
     head = spec["headGroupSpec"]
     _check_string_map(head["rayStartParams"], f"{where} head")
     assert head["rayStartParams"]["num-cpus"] == "0", "the head takes no Ray work"
-    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "no LoadBalancer/NodePort: the dashboard stays inside the cluster"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", (
+        "no LoadBalancer/NodePort: the dashboard stays inside the cluster"
+    )
     (container,) = head["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
@@ -178,8 +210,14 @@ def _check_cluster_spec(spec: dict, where: str) -> dict:
         _check_resources(worker["resources"], gwhere)
         for value in worker.get("env", []):
             assert "value" in value or "valueFrom" in value
-            assert not re.search(r"(?i)(secret|key_id|password|token)", value["name"]), f"{gwhere}: credentials in the pod spec"
-    gpu_groups = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+            assert not re.search(r"(?i)(secret|key_id|password|token)", value["name"]), (
+                f"{gwhere}: credentials in the pod spec"
+            )
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups, f"{where}: no GPU worker group"
     for group in gpu_groups:
         assert any(t.get("key") == "nvidia.com/gpu" for t in group["template"]["spec"].get("tolerations", []))
@@ -276,7 +314,9 @@ def test_dockerfile_installs_the_project_on_rays_gpu_image():
     ray_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("ray["))
     assert ray_pin.endswith(f">={_ray_version()}")
     after = steps[first_from + 1 :]
-    assert any(w == "ARG" and a == "RAY_VERSION" for w, a in after), "RAY_VERSION is used after FROM: declare it again there"
+    assert any(w == "ARG" and a == "RAY_VERSION" for w, a in after), (
+        "RAY_VERSION is used after FROM: declare it again there"
+    )
     copied = [shlex.split(a) for w, a in after if w == "COPY"]
     for parts in copied:
         sources = [p for p in parts[:-1] if not p.startswith("--")]
@@ -293,7 +333,11 @@ def test_dockerfile_installs_the_project_on_rays_gpu_image():
         if w in ("ENV", "ARG"):
             names = [item.split("=", 1)[0] for item in shlex.split(a)]
             assert not any(looks_secret(n) for n in names), f"{w} {a}: no credentials in images"
-    ignore = [line.strip() for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ignore[0] == "**" and {"!orchestrator/**", "!workloads/**", "!configs/**", "!pyproject.toml"} <= set(ignore)
     _no_credentials(DOCKERFILE)
 
@@ -310,28 +354,57 @@ def _plan(*overrides, sweep=True, **kwargs):
     from orchestrator.submit import plan_submission
 
     kwargs.setdefault("environ", {})
-    return plan_submission(Path("configs/lambda_grid.yaml"), ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", *overrides], sweep=sweep, **kwargs)
+    return plan_submission(
+        Path("configs/lambda_grid.yaml"),
+        ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", *overrides],
+        sweep=sweep,
+        **kwargs,
+    )
 
 
 def test_submit_plans_a_sweep_job_from_the_working_directory(in_repo):
     from orchestrator.config import load_config
     from orchestrator.sweep import sweep_name
 
-    plan = _plan("train.lr=1e-4", environ={"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ACCESS_KEY_ID": "y", "AWS_REGION": "eu-west-1"})
-    assert plan.entrypoint == "python -m orchestrator.cli sweep configs/lambda_grid.yaml storage.path=s3://bucket/l2t tracking.uri=http://mlflow:5000 train.lr=1e-4"
+    plan = _plan(
+        "train.lr=1e-4",
+        environ={
+            "AWS_ENDPOINT_URL": "http://minio:9000",
+            "AWS_SECRET_ACCESS_KEY": "x",
+            "AWS_ACCESS_KEY_ID": "y",
+            "AWS_REGION": "eu-west-1",
+        },
+    )
+    assert (
+        plan.entrypoint
+        == "python -m orchestrator.cli sweep configs/lambda_grid.yaml storage.path=s3://bucket/l2t tracking.uri=http://mlflow:5000 train.lr=1e-4"
+    )
     assert re.fullmatch(r"l2t-sweep-lambda-grid-\d{8}-\d{6}-[0-9a-f]{4}", plan.submission_id)
     assert plan.runtime_env["working_dir"] == str(REPO)
     assert ".venv/" in plan.runtime_env["excludes"] and ".git/" in plan.runtime_env["excludes"]
-    assert plan.runtime_env["env_vars"] == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1", "PYTHONUNBUFFERED": "1"}
-    cfg = load_config(REPO / "configs/lambda_grid.yaml", ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", "train.lr=1e-4"])
+    assert plan.runtime_env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_REGION": "eu-west-1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    cfg = load_config(
+        REPO / "configs/lambda_grid.yaml",
+        ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", "train.lr=1e-4"],
+    )
     assert plan.metadata["l2t.sweep"] == sweep_name(cfg) and plan.metadata["l2t.command"] == "sweep"
     assert all(isinstance(v, str) for v in plan.metadata.values())
     assert plan.tracking_uri == "http://mlflow:5000"
-    assert len(plan.warnings) == 1 and "data.synthetic" in plan.warnings[0], "the synthetic set can't be generated on S3"
+    assert len(plan.warnings) == 1 and "data.synthetic" in plan.warnings[0], (
+        "the synthetic set can't be generated on S3"
+    )
     train = _plan(sweep=False, entrypoint_num_gpus=1, entrypoint_resources={"head": 0.01}, pip=["wandb==0.21"])
     assert train.entrypoint.startswith("python -m orchestrator.cli train ") and "metadata" in train.submit_kwargs()
     kwargs = train.submit_kwargs()
-    assert kwargs["entrypoint_num_gpus"] == 1 and kwargs["entrypoint_resources"] == {"head": 0.01} and "entrypoint_num_cpus" not in kwargs
+    assert (
+        kwargs["entrypoint_num_gpus"] == 1
+        and kwargs["entrypoint_resources"] == {"head": 0.01}
+        and "entrypoint_num_cpus" not in kwargs
+    )
     assert train.runtime_env["pip"] == {"packages": ["wandb==0.21"], "pip_check": False}
 
 
@@ -339,7 +412,9 @@ def test_submit_with_an_image_uploads_nothing(in_repo):
     from orchestrator.submit import SubmitError
 
     plan = _plan(image="registry/l2t:0.1.0", working_dir=None)
-    assert plan.runtime_env.keys() == {"image_uri", "env_vars"} and plan.runtime_env["image_uri"] == "registry/l2t:0.1.0"
+    assert (
+        plan.runtime_env.keys() == {"image_uri", "env_vars"} and plan.runtime_env["image_uri"] == "registry/l2t:0.1.0"
+    )
     assert plan.entrypoint.startswith("l2t sweep configs/lambda_grid.yaml ")
     from ray.runtime_env import RuntimeEnv
 
@@ -369,7 +444,9 @@ def test_submit_refuses_credentials_and_unusable_configs(in_repo, tmp_path):
     with pytest.raises(ConfigError, match="nothing to sweep"):
         plan_submission(Path("configs/quickstart.yaml"), ["storage.path=s3://b/x"], sweep=True, environ={})
     local = plan_submission(Path("configs/quickstart.yaml"), ["storage.path=/shared/l2t"], environ={})
-    assert any("local to each node" in w for w in local.warnings) and any("tracking.uri is unset" in w for w in local.warnings)
+    assert any("local to each node" in w for w in local.warnings) and any(
+        "tracking.uri is unset" in w for w in local.warnings
+    )
 
 
 def test_submit_sends_the_token_only_where_ray_would(tmp_path, monkeypatch):
@@ -422,9 +499,34 @@ def test_submit_command_line():
     app.command()(command)
     result = CliRunner().invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
-    for option in ("--address", "--sweep", "--working-dir", "--image", "--pip", "--env", "--submission-id", "--entrypoint-num-gpus", "--entrypoint-resource", "--no-follow", "--mlflow-ui"):
+    for option in (
+        "--address",
+        "--sweep",
+        "--working-dir",
+        "--image",
+        "--pip",
+        "--env",
+        "--submission-id",
+        "--entrypoint-num-gpus",
+        "--entrypoint-resource",
+        "--no-follow",
+        "--mlflow-ui",
+    ):
         assert option in result.output, option
-    bad = CliRunner().invoke(app, [str(REPO / "configs/lambda_grid.yaml"), "--sweep", "--env", "HF_TOKEN=x", "--working-dir", str(REPO), "--address", "http://127.0.0.1:9", "storage.path=s3://b/l2t"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            str(REPO / "configs/lambda_grid.yaml"),
+            "--sweep",
+            "--env",
+            "HF_TOKEN=x",
+            "--working-dir",
+            str(REPO),
+            "--address",
+            "http://127.0.0.1:9",
+            "storage.path=s3://b/l2t",
+        ],
+    )
     assert bad.exit_code == 2 and "credential" in bad.output
     if "submit" in {c.name for c in cli.app.registered_commands}:
         assert CliRunner().invoke(cli.app, ["submit", "--help"]).exit_code == 0
@@ -432,6 +534,10 @@ def test_submit_command_line():
 
 def test_docs_name_only_files_and_commands_that_exist():
     text = (REPO / "docs" / "cluster.md").read_text()
-    for path in set(re.findall(r"\b(infra/[\w./-]+\.(?:yaml|json|md)|infra/docker/Dockerfile|configs/[\w./-]+\.(?:yaml|json))\b", text)):
+    for path in set(
+        re.findall(
+            r"\b(infra/[\w./-]+\.(?:yaml|json|md)|infra/docker/Dockerfile|configs/[\w./-]+\.(?:yaml|json))\b", text
+        )
+    ):
         assert (REPO / path).exists(), f"docs/cluster.md names {path}, which does not exist"
     assert "l2t submit" in text and "ray job submit --working-dir . -- l2t sweep" in text

@@ -69,7 +69,9 @@ def test_mean_of_micro_batch_means_would_differ():
     w = token_weights(segments, "response")
     full = l2t_loss(model(ids), ids, segments, w, count_trained_tokens(w)).loss.item()
     halves = [
-        l2t_loss(model(i), i, s, token_weights(s, "response"), count_trained_tokens(token_weights(s, "response"))).loss.item()
+        l2t_loss(
+            model(i), i, s, token_weights(s, "response"), count_trained_tokens(token_weights(s, "response"))
+        ).loss.item()
         for i, s in zip(ids.chunk(2), segments.chunk(2))
     ]
     assert abs(np.mean(halves) - full) > 1e-4
@@ -92,7 +94,7 @@ def test_zero_weight_tokens_get_no_gradient():
     w = token_weights(segments, "l2t_no_template")
     l2t_loss(logits, ids, segments, w, count_trained_tokens(w)).loss.backward()
     # logits[:, t] predict token t+1: their gradient is zero exactly where weight[t+1] == 0.
-    untrained = (w[:, 1:] == 0)
+    untrained = w[:, 1:] == 0
     grad = logits.grad[:, :-1]
     assert torch.all(grad[untrained] == 0)
     assert torch.all(grad[~untrained].abs().sum(-1) > 0)

@@ -37,8 +37,13 @@ def test_json_keeps_every_token(inspected):
     assert sum(t["segment"] == "image" for t in tokens) == 5
     weights = {t["segment"]: t["weight"] for t in tokens}
     assert weights == {
-        "system": 0.0, "role": 0.0, "image": 0.0, "instruction": 0.5,
-        "task_template": 0.0, "response": 2.0, "end_of_turn": 2.0,
+        "system": 0.0,
+        "role": 0.0,
+        "image": 0.0,
+        "instruction": 0.5,
+        "task_template": 0.0,
+        "response": 2.0,
+        "end_of_turn": 2.0,
     }
     response = "".join(t["text"] for t in tokens if t["segment"] == "response")
     assert response.strip() == "Cat & <b>dog</b>"

@@ -135,7 +135,14 @@ def test_multiple_choice_accuracy():
 def test_tokenize_caption():
     assert tokenize_caption("A red circle, on the LEFT.") == ["a", "red", "circle", "on", "the", "left"]
     assert tokenize_caption("The dog's ball isn't 1,000 x-rays!") == [
-        "the", "dog", "'s", "ball", "is", "n't", "1,000", "x-rays"
+        "the",
+        "dog",
+        "'s",
+        "ball",
+        "is",
+        "n't",
+        "1,000",
+        "x-rays",
     ]
 
 
@@ -228,8 +235,9 @@ def test_cider_d_sanity():
     assert cider_d_scores(cands, refs) == pytest.approx([10.0, 10.0])
     assert cider_d(cands, refs) == pytest.approx(10.0)
     # A 3-word caption has no 4-grams: that order contributes 0 -> 10 * 3/4.
-    assert cider_d_scores(["red circle above", "green triangle left"],
-                          [["red circle above"], ["green triangle left"]]) == pytest.approx([7.5, 7.5])
+    assert cider_d_scores(
+        ["red circle above", "green triangle left"], [["red circle above"], ["green triangle left"]]
+    ) == pytest.approx([7.5, 7.5])
     # No overlap with the references -> 0.
     assert cider_d_scores(["purple star", "green triangle left of yellow star"], refs)[0] == 0.0
     assert cider_d_scores(["", "green triangle left of yellow star"], refs)[0] == 0.0

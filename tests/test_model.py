@@ -43,18 +43,34 @@ def parts(tmp_path_factory):
     torch.manual_seed(1)
     lm = Qwen2ForCausalLM(
         Qwen2Config(
-            vocab_size=len(tokenizer) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+            vocab_size=len(tokenizer) + 8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
         )
     )
     lm.save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
     SiglipVisionModel(SiglipVisionConfig(**vision)).save_pretrained(root / "siglip-vision")
     processor.save_pretrained(root / "siglip-vision")
-    whole = SiglipModel(SiglipConfig(vision_config=vision, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)))
+    whole = SiglipModel(
+        SiglipConfig(
+            vision_config=vision,
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+            ),
+        )
+    )
     whole.save_pretrained(root / "siglip-whole")
     processor.save_pretrained(root / "siglip-whole")
     return root
@@ -62,26 +78,36 @@ def parts(tmp_path_factory):
 
 @pytest.mark.parametrize("tower", ["siglip-vision", "siglip-whole"])
 def test_tinyllava_composition_loads_like_a_llava_checkpoint(parts, tower, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
     out = compose_llava(tmp_path / "composed", str(parts / "lm"), str(parts / tower))
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert model.config.vision_config.model_type == "siglip_vision_model"
-    assert model.config.vision_feature_select_strategy == "full" and num_image_tokens(model.config) == 4  # (28/14)², no CLS
+    assert (
+        model.config.vision_feature_select_strategy == "full" and num_image_tokens(model.config) == 4
+    )  # (28/14)², no CLS
 
     # The LM's and the tower's weights came through; the connector is new.
     lm = AutoModelForCausalLM.from_pretrained(parts / "lm")
     source = AutoModel.from_pretrained(parts / tower)
     source_vision = getattr(source, "vision_model", source)
     target_vision = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
-    torch.testing.assert_close(model.model.language_model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight)
-    torch.testing.assert_close(target_vision.encoder.layers[0].self_attn.q_proj.weight, source_vision.encoder.layers[0].self_attn.q_proj.weight)
-    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()  # tied, like Qwen2-0.5B
+    torch.testing.assert_close(
+        model.model.language_model.layers[1].mlp.up_proj.weight, lm.model.layers[1].mlp.up_proj.weight
+    )
+    torch.testing.assert_close(
+        target_vision.encoder.layers[0].self_attn.q_proj.weight, source_vision.encoder.layers[0].self_attn.q_proj.weight
+    )
+    assert (
+        model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    )  # tied, like Qwen2-0.5B
 
     image = Image.new("RGB", (40, 40), (10, 200, 10))
-    inputs = processor(images=[image], text=["USER: <image>\nWhat color is the shape? ASSISTANT: Green."], return_tensors="pt")
+    inputs = processor(
+        images=[image], text=["USER: <image>\nWhat color is the shape? ASSISTANT: Green."], return_tensors="pt"
+    )
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
     apply_freeze_policy(model, "vision_tower")
@@ -126,7 +152,10 @@ def test_freeze_policies(tiny, policy, trains):
     trained = {part for part in parts for name, p in model.named_parameters() if part in name and p.requires_grad}
     frozen = {part for part in parts for name, p in model.named_parameters() if part in name and not p.requires_grad}
     assert trained == trains and frozen == parts - trains
-    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < counts.total or policy == "none"
+    assert (
+        counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) < counts.total
+        or policy == "none"
+    )
     with pytest.raises(ValueError, match="unknown freeze policy"):
         apply_freeze_policy(model, "lm_only")
 
@@ -171,16 +200,24 @@ def test_training_flops_count_linear_layers_and_attention(tiny):
     config = model.config
     apply_freeze_policy(model, "vision_tower")
     flops = TrainingFlops.of(model)
-    linear = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))  # noqa: E731
+    linear = lambda module: sum(
+        m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    )  # noqa: E731
     assert flops.lm_params == linear(model.model.language_model) + model.lm_head.weight.numel()
     assert flops.lm_trains and not flops.vision_trains
     assert flops.vision_positions == num_image_tokens(config)  # CLIP: patches + CLS
 
     tokens, seq = 1000, 100
     got = flops.step(tokens, tokens * seq, images=10)
-    lm = 6 * flops.lm_params * tokens + 12 * config.text_config.num_hidden_layers * config.text_config.hidden_size * tokens * seq
+    lm = (
+        6 * flops.lm_params * tokens
+        + 12 * config.text_config.num_hidden_layers * config.text_config.hidden_size * tokens * seq
+    )
     p = flops.vision_positions
-    vision = 2 * flops.vision_params * 10 * p + 4 * config.vision_config.num_hidden_layers * config.vision_config.hidden_size * 10 * p * p
+    vision = (
+        2 * flops.vision_params * 10 * p
+        + 4 * config.vision_config.num_hidden_layers * config.vision_config.hidden_size * 10 * p * p
+    )
     connector = 4 * flops.connector_params * 10 * p
     assert got == pytest.approx(lm + vision + connector)
 
@@ -205,8 +242,30 @@ def test_cli_model_compose_writes_a_loadable_folder_and_names_a_missing_part(par
     from orchestrator.cli import app
 
     out = tmp_path / "tinyllava"
-    result = CliRunner().invoke(app, ["model", "compose", str(out), "--language-model", str(parts / "lm"), "--vision-tower", str(parts / "siglip-vision")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "compose",
+            str(out),
+            "--language-model",
+            str(parts / "lm"),
+            "--vision-tower",
+            str(parts / "siglip-vision"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert type(AutoModelForImageTextToText.from_pretrained(out)).__name__ == "LlavaForConditionalGeneration"
-    missing = CliRunner().invoke(app, ["model", "compose", str(tmp_path / "x"), "--language-model", str(tmp_path / "no-lm"), "--vision-tower", str(parts / "siglip-vision")])
+    missing = CliRunner().invoke(
+        app,
+        [
+            "model",
+            "compose",
+            str(tmp_path / "x"),
+            "--language-model",
+            str(tmp_path / "no-lm"),
+            "--vision-tower",
+            str(parts / "siglip-vision"),
+        ],
+    )
     assert missing.exit_code == 2 and "no-lm" in missing.output

@@ -53,7 +53,9 @@ def _run_scenario(name: str, args: dict, tmp_path: Path, env: dict[str, str], ti
     args = {**args, "out": str(tmp_path / f"{name}.json")}
     args_file = tmp_path / f"{name}-args.json"
     args_file.write_text(json.dumps(args))
-    code, out, err = run_logged([sys.executable, str(Path(__file__)), name, str(args_file)], tmp_path / name, timeout, cwd=REPO, env=env)
+    code, out, err = run_logged(
+        [sys.executable, str(Path(__file__)), name, str(args_file)], tmp_path / name, timeout, cwd=REPO, env=env
+    )
     assert code == 0, f"scenario {name} failed:\n{out[-5000:]}\n{err[-5000:]}"
     return json.loads(Path(args["out"]).read_text())
 
@@ -74,7 +76,9 @@ def test_training_spans_two_nodes_and_finishes_after_losing_one(synthetic_data, 
     root = Path(tempfile.mkdtemp(prefix="l2t-mn-", dir="/tmp"))  # short: Ray's sockets live under it
     env = clean_env(RAY_TMPDIR=str(root), RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     try:
-        result = _run_scenario("node_loss", _data_args(synthetic_data, tiny_model_dir, tmp_path / "store"), tmp_path, env, timeout=540)
+        result = _run_scenario(
+            "node_loss", _data_args(synthetic_data, tiny_model_dir, tmp_path / "store"), tmp_path, env, timeout=540
+        )
     finally:
         end_processes_under(root)
         shutil.rmtree(root, ignore_errors=True)
@@ -82,10 +86,14 @@ def test_training_spans_two_nodes_and_finishes_after_losing_one(synthetic_data, 
 
     head, workers = result["head_node"], result["worker_nodes"]
     train_nodes = set(result["train_worker_nodes_before_loss"])
-    assert len(train_nodes) == 2 and head not in train_nodes and train_nodes <= set(workers), "the run spanned both worker nodes"
+    assert len(train_nodes) == 2 and head not in train_nodes and train_nodes <= set(workers), (
+        "the run spanned both worker nodes"
+    )
     assert result["removed_node"] in train_nodes
     after = set(result["train_worker_nodes_after_loss"])
-    assert result["replacement_node"] in after and result["removed_node"] not in after, "the restarted group uses the new node"
+    assert result["replacement_node"] in after and result["removed_node"] not in after, (
+        "the restarted group uses the new node"
+    )
     assert result["step_when_removed"] < result["max_steps"], "the node went away mid-run"
 
     # The worker group failed once, was restarted, and went on from the last checkpoint, not from step 0.
@@ -95,7 +103,9 @@ def test_training_spans_two_nodes_and_finishes_after_losing_one(synthetic_data, 
     checkpoints = [e["step"] for e in events[: failures[0]] if e["event"] == "report" and e["checkpoint"]]
     assert checkpoints, "a checkpoint was in storage before the node went"
     first_after = next(e["step"] for e in events[failures[-1] :] if e["event"] == "report")
-    assert first_after == checkpoints[-1] + result["log_every"], f"did not resume from the step-{checkpoints[-1]} checkpoint: {events}"
+    assert first_after == checkpoints[-1] + result["log_every"], (
+        f"did not resume from the step-{checkpoints[-1]} checkpoint: {events}"
+    )
 
     # Nothing lost: every planned report is there exactly once and the run reached its last step.
     assert result["history_steps"] == list(range(result["log_every"], result["max_steps"] + 1, result["log_every"]))
@@ -121,7 +131,12 @@ def test_sweep_scales_the_cluster_up_and_spreads_trials_over_nodes(synthetic_dat
         },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu1": {"resources": {"CPU": 1, "object_store_memory": 300 * MB}, "node_config": {}, "min_workers": 0, "max_workers": 3},
+            "cpu1": {
+                "resources": {"CPU": 1, "object_store_memory": 300 * MB},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 3,
+            },
         },
         "head_node_type": "ray.head.default",
         "auth": {},
@@ -150,7 +165,13 @@ def test_sweep_scales_the_cluster_up_and_spreads_trials_over_nodes(synthetic_dat
             RAY_TMPDIR=str(head.root),
             TOKENIZERS_PARALLELISM="false",
         )
-        result = _run_scenario("sweep_autoscale", _data_args(synthetic_data, tiny_model_dir, tmp_path / "store"), tmp_path, env, timeout=600)
+        result = _run_scenario(
+            "sweep_autoscale",
+            _data_args(synthetic_data, tiny_model_dir, tmp_path / "store"),
+            tmp_path,
+            env,
+            timeout=600,
+        )
         monitor_log = head.log_tail("monitor.log", chars=200_000)
         (tmp_path / "monitor.log").write_text(monitor_log)  # the autoscaler's decisions, for a post-mortem
     print(json.dumps({k: v for k, v in result.items() if k != "polls"}, indent=1))
@@ -174,14 +195,21 @@ def _config(args: dict, **sections):
     sys.path.insert(0, str(HERE))
     from conftest import experiment_config
 
-    data = {"synthetic": None, "sources": [args["train_file"]], "image_root": args["image_root"], "eval_file": args["eval_file"]}
+    data = {
+        "synthetic": None,
+        "sources": [args["train_file"]],
+        "image_root": args["image_root"],
+        "eval_file": args["eval_file"],
+    }
     return experiment_config(args["storage"], data=data, model={"name_or_path": args["model"]}, **sections)
 
 
 def _alive_train_workers() -> list[dict]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+    actors = list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], raise_on_missing_output=False
+    )
     return [{"actor_id": a.actor_id, "node_id": a.node_id} for a in actors]
 
 
@@ -195,10 +223,18 @@ def _event_log(path: str):
                 handle.write(json.dumps({**row, "time": time.time()}) + "\n")
 
         def after_report(self, run_context, metrics, checkpoint):
-            self._write({"event": "report", "step": int(metrics[0].get("step", 0)), "checkpoint": checkpoint is not None})
+            self._write(
+                {"event": "report", "step": int(metrics[0].get("step", 0)), "checkpoint": checkpoint is not None}
+            )
 
         def after_exception(self, run_context, worker_exceptions):
-            self._write({"event": "failure", "ranks": sorted(worker_exceptions), "errors": [type(e).__name__ for e in worker_exceptions.values()]})
+            self._write(
+                {
+                    "event": "failure",
+                    "ranks": sorted(worker_exceptions),
+                    "errors": [type(e).__name__ for e in worker_exceptions.values()],
+                }
+            )
 
     return Events()
 
@@ -207,16 +243,22 @@ def scenario_node_loss(args: dict) -> dict:
     """ray.cluster_utils.Cluster: head (0 CPU) + 2 worker nodes; lose one mid-run, add a fresh one."""
     import ray
     from ray.cluster_utils import Cluster
+    from test_submit_ray import free_port
 
     from orchestrator.pipeline import prepare_inputs
     from orchestrator.train import run_train
-    from test_submit_ray import free_port
 
     max_steps, log_every, checkpoint_every = 40, 5, 10
     node_args = {"num_cpus": 2, "object_store_memory": 250 * MB}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 250 * MB, "include_dashboard": True, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()},
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 250 * MB,
+            "include_dashboard": True,
+            "dashboard_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+        },
     )
     try:
         workers = [cluster.add_node(**node_args) for _ in range(2)]
@@ -225,7 +267,17 @@ def scenario_node_loss(args: dict) -> dict:
         # Workers need 1.5 of a node's 2 CPUs: two can't share a node, so the run spans both.
         cfg = _config(
             args,
-            train={"max_steps": max_steps, "log_every": log_every, "checkpoint_every": checkpoint_every, "max_failures": 3, "num_workers": 2, "cpus_per_worker": 1.5, "micro_batch_size": 8, "lr_schedule": "constant", "warmup_ratio": 0.0},
+            train={
+                "max_steps": max_steps,
+                "log_every": log_every,
+                "checkpoint_every": checkpoint_every,
+                "max_failures": 3,
+                "num_workers": 2,
+                "cpus_per_worker": 1.5,
+                "micro_batch_size": 8,
+                "lr_schedule": "constant",
+                "warmup_ratio": 0.0,
+            },
         )
         resolved, model_dir, prepared = prepare_inputs(cfg)
         run_name = "node-loss"
@@ -236,7 +288,9 @@ def scenario_node_loss(args: dict) -> dict:
 
         def fit() -> None:
             try:
-                outcome["result"] = run_train(resolved, prepared, model_dir, run_name, callbacks=[_event_log(str(events_file))])
+                outcome["result"] = run_train(
+                    resolved, prepared, model_dir, run_name, callbacks=[_event_log(str(events_file))]
+                )
             except BaseException as error:  # noqa: BLE001 - reported to the test
                 outcome["error"] = repr(error)
 
@@ -255,7 +309,11 @@ def scenario_node_loss(args: dict) -> dict:
         while thread.is_alive() and time.time() < deadline:
             before.update({w["actor_id"]: w["node_id"] for w in _alive_train_workers()})
             nodes_before = set(before.values())
-            if list(run_path.glob("checkpoint_*")) and any(s >= checkpoint_every for s in reported_steps()) and len(nodes_before) == 2:
+            if (
+                list(run_path.glob("checkpoint_*"))
+                and any(s >= checkpoint_every for s in reported_steps())
+                and len(nodes_before) == 2
+            ):
                 break
             time.sleep(0.2)
         if not thread.is_alive():
@@ -346,11 +404,18 @@ def scenario_sweep_autoscale(args: dict) -> dict:
         done.set()
         watcher.join()
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    children = mlflow.search_runs(experiment_names=["multinode-sweep"], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'", output_format="list")
+    children = mlflow.search_runs(
+        experiment_names=["multinode-sweep"],
+        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+        output_format="list",
+    )
     return {
         "worker_nodes_at_start": at_start,
         "max_worker_nodes_seen": most[0],
-        "trials": [{"point": t["point"], "status": t["status"]} for t in sorted(result.trials, key=lambda t: t["point"]["masking.lambda_instruction"])],
+        "trials": [
+            {"point": t["point"], "status": t["status"]}
+            for t in sorted(result.trials, key=lambda t: t["point"]["masking.lambda_instruction"])
+        ],
         "train_placement_groups": groups,
         "mlflow_children": len(children),
         "polls": polls[-5:],

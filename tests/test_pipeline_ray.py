@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
-
 from conftest import experiment_config
+from typer.testing import CliRunner
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +43,16 @@ def dirty_source(synthetic_data, tmp_path_factory):
 
 def _dirty_config(storage, dirty_source, **data):
     path, image_root = dirty_source
-    cfg = experiment_config(storage, data={"sources": [str(path)], "image_root": str(image_root), "synthetic": None, "max_bad_fraction": 0.1, **data})
+    cfg = experiment_config(
+        storage,
+        data={
+            "sources": [str(path)],
+            "image_root": str(image_root),
+            "synthetic": None,
+            "max_bad_fraction": 0.1,
+            **data,
+        },
+    )
     return cfg
 
 
@@ -100,7 +108,9 @@ def trained(ray_cluster, tmp_path_factory):
     from orchestrator.pipeline import run_experiment
 
     storage = tmp_path_factory.mktemp("e2e")
-    cfg = experiment_config(storage, train={"max_steps": 12, "log_every": 4}, masking={"mode": "l2t", "lambda_instruction": 0.5})
+    cfg = experiment_config(
+        storage, train={"max_steps": 12, "log_every": 4}, masking={"mode": "l2t", "lambda_instruction": 0.5}
+    )
     return cfg, run_experiment(cfg, run_name="e2e-l2t")
 
 

@@ -181,7 +181,12 @@ def test_parquet_split_numbers_rows(tmp_path):
     assert [json.loads(r)["id"] for r in table["raw"]] == [f"p{i}" for i in range(5)]
     out = validate_rows(pa.table({k: table[k] for k in ("source", "line", "raw", "error")}), "auto", None, False)
     assert out.column("ok").to_pylist() == [True] * 5
-    assert _split(str(tmp_path / "bad.parquet"), b"not parquet").column("error")[0].as_py().startswith("malformed_parquet|")
+    assert (
+        _split(str(tmp_path / "bad.parquet"), b"not parquet")
+        .column("error")[0]
+        .as_py()
+        .startswith("malformed_parquet|")
+    )
 
 
 def test_sentence_counts_match_the_single_process_statistics(synthetic_data):
@@ -234,7 +239,9 @@ def test_encode_rows_matches_encode_conversations(tiny_model_dir, synthetic_data
     validated = validate_rows(_batch(lines), "auto", None, False)
     spec = _encode_spec(tiny_model_dir, 128)
     table = encode_rows(validated, model_dir=tiny_model_dir, spec_kwargs=spec)
-    expected = encode_conversations(conversations_of(validated), AutoTokenizer.from_pretrained(tiny_model_dir), EncodeSpec(**spec))
+    expected = encode_conversations(
+        conversations_of(validated), AutoTokenizer.from_pretrained(tiny_model_dir), EncodeSpec(**spec)
+    )
     for row, exact in zip(table.to_pylist(), expected):
         assert row["input_ids"] == exact.input_ids.tolist() and row["segments"] == exact.segments.tolist()
         assert row["length"] == len(exact.input_ids) and row["truncated"] == exact.truncated

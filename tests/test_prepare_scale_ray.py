@@ -9,9 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from typer.testing import CliRunner
-
 from conftest import experiment_config
+from typer.testing import CliRunner
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +21,11 @@ def _messages(record: dict) -> dict:
     for turn in record["conversations"]:
         text = turn["value"]
         if turn["from"] == "human":
-            content = [{"type": "image"}, {"type": "text", "text": text.replace("<image>\n", "")}] if "<image>" in text else text
+            content = (
+                [{"type": "image"}, {"type": "text", "text": text.replace("<image>\n", "")}]
+                if "<image>" in text
+                else text
+            )
             messages.append({"role": "user", "content": content})
         else:
             messages.append({"role": "assistant", "content": text})
@@ -36,22 +39,42 @@ def mixed_sources(synthetic_data, tmp_path_factory):
     records = [json.loads(line) for line in Path(synthetic_data.train_file).read_text().splitlines()[:300]]
     ok_image = records[0]["image"]
 
-    json_rows = records[:100] + [{"id": "json-missing", "image": "images/nope.png", "conversations": records[0]["conversations"]}]
+    json_rows = records[:100] + [
+        {"id": "json-missing", "image": "images/nope.png", "conversations": records[0]["conversations"]}
+    ]
     (out / "a.json").write_text(json.dumps(json_rows, indent=1))
 
     messages = [json.dumps(_messages(r)) for r in records[100:200]]
-    messages.insert(50, json.dumps({"id": "msg-empty-turn", "images": [ok_image], "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}, {"role": "assistant", "content": "  "}]}))
+    messages.insert(
+        50,
+        json.dumps(
+            {
+                "id": "msg-empty-turn",
+                "images": [ok_image],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                    {"role": "assistant", "content": "  "},
+                ],
+            }
+        ),
+    )
     messages.insert(10, '{"id": "msg-malformed", "messages": [')
     (out / "b.jsonl").write_text("\n".join(messages) + "\n")
 
     parquet_rows = [dict(r) for r in records[200:300]]
-    parquet_rows.insert(20, {"id": "pq-order", "image": ok_image, "conversations": list(reversed(records[0]["conversations"]))})
+    parquet_rows.insert(
+        20, {"id": "pq-order", "image": ok_image, "conversations": list(reversed(records[0]["conversations"]))}
+    )
     table = pa.Table.from_pylist(parquet_rows)
     pq.write_table(table, out / "c.parquet", row_group_size=32)
 
     good = [r["id"] for r in records]
-    bad = {"json-missing": ("missing_image", 101), "msg-malformed": ("malformed_json", 11), "msg-empty-turn": ("empty_turn", 52), "pq-order": ("wrong_role_order", 21)}
+    bad = {
+        "json-missing": ("missing_image", 101),
+        "msg-malformed": ("malformed_json", 11),
+        "msg-empty-turn": ("empty_turn", 52),
+        "pq-order": ("wrong_role_order", 21),
+    }
     return [str(out / "a.json"), str(out / "b.jsonl"), str(out / "c.parquet")], good, bad
 
 
@@ -62,7 +85,15 @@ def mixed_prepared(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, t
 
     files, _, _ = mixed_sources
     storage = tmp_path_factory.mktemp("mixed-out")
-    cfg = experiment_config(storage, data={"sources": files, "image_root": str(synthetic_data.image_root), "synthetic": None, "max_bad_fraction": 0.05})
+    cfg = experiment_config(
+        storage,
+        data={
+            "sources": files,
+            "image_root": str(synthetic_data.image_root),
+            "synthetic": None,
+            "max_bad_fraction": 0.05,
+        },
+    )
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(prepare_module, "MIN_ROWS_PER_BLOCK", 40)
@@ -76,7 +107,12 @@ def test_mixed_formats_over_many_blocks_lose_nothing(mixed_prepared, mixed_sourc
     cfg, prepared, lines = mixed_prepared
     m = prepared.manifest
     assert (m["rows_in"], m["rows_written"], m["rows_quarantined"]) == (304, 300, 4)
-    assert m["quarantined_by_reason"] == {"empty_turn": 1, "malformed_json": 1, "missing_image": 1, "wrong_role_order": 1}
+    assert m["quarantined_by_reason"] == {
+        "empty_turn": 1,
+        "malformed_json": 1,
+        "missing_image": 1,
+        "wrong_role_order": 1,
+    }
     assert m["rows_per_block"] == 40
 
     shards = pq.read_table(prepared.shards)
@@ -106,7 +142,9 @@ def test_cli_prepare_reuses_the_output_and_fails_above_the_bad_share(mixed_prepa
     cfg, prepared, _ = mixed_prepared
     data = {k: v for k, v in cfg.data.model_dump(mode="json").items() if k not in ("synthetic", "eval_file")}
     config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump({"data": data, "model": {"name_or_path": tiny_model_dir}, "storage": cfg.storage.model_dump()}))
+    config.write_text(
+        yaml.safe_dump({"data": data, "model": {"name_or_path": tiny_model_dir}, "storage": cfg.storage.model_dump()})
+    )
     runner = CliRunner()
     result = runner.invoke(app, ["data", "prepare", str(config)])
     assert result.exit_code == 0, result.output

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import experiment_config
 
 pytestmark = pytest.mark.ray
@@ -78,10 +77,20 @@ def test_prepare_reads_and_writes_through_s3(s3, s3_data, tiny_model_dir):
     shard_keys = [k for k in written if k.startswith(prefix + "shards/") and k.endswith(".parquet")]
     shards = [pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())) for k in shard_keys]
     assert sum(t.num_rows for t in shards) == 60
-    assert all(image.startswith("images/syn-") for t in shards for images in t.column("images").to_pylist() for image in images)
+    assert all(
+        image.startswith("images/syn-") for t in shards for images in t.column("images").to_pylist() for image in images
+    )
     quarantine_keys = [k for k in written if k.startswith(prefix + "quarantine/") and k.endswith(".parquet")]
-    quarantined = [r for k in quarantine_keys for r in pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())).to_pylist()]
-    assert {r["id"]: r["reason"] for r in quarantined} == {"missing": "missing_image", "escape": "image_outside_root", "corrupt": "corrupt_image"}
+    quarantined = [
+        r
+        for k in quarantine_keys
+        for r in pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())).to_pylist()
+    ]
+    assert {r["id"]: r["reason"] for r in quarantined} == {
+        "missing": "missing_image",
+        "escape": "image_outside_root",
+        "corrupt": "corrupt_image",
+    }
     assert all(r["source"] == f"{s3_data}/train.jsonl" and r["line"] in (31, 32, 33) for r in quarantined)
 
     # Preparing again is a no-op: same folder, nothing rewritten.

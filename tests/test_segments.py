@@ -56,8 +56,31 @@ LAMBDA_I, LAMBDA_A = 0.25, 1.75
 def corpus(n: int = 600) -> list[str]:
     """Training text shaped like the rendered conversations, so real merges happen at boundaries."""
     rng = random.Random(0)
-    words = ["the", "cat", "is", "on", "a", "mat", "What", "color", "image", "USER", "ASSISTANT", "system",
-             "user", "assistant", "answer", "question", "describe", "photo", "3.5", "12", "dog", "Yes", "No"]
+    words = [
+        "the",
+        "cat",
+        "is",
+        "on",
+        "a",
+        "mat",
+        "What",
+        "color",
+        "image",
+        "USER",
+        "ASSISTANT",
+        "system",
+        "user",
+        "assistant",
+        "answer",
+        "question",
+        "describe",
+        "photo",
+        "3.5",
+        "12",
+        "dog",
+        "Yes",
+        "No",
+    ]
     texts = []
     for _ in range(n):
         parts = [rng.choice(words + ["".join(rng.choices(ALPHABET, k=rng.randint(1, 6)))]) for _ in range(12)]
@@ -109,7 +132,10 @@ def conversations(draw) -> Conversation:
     if system is not None:
         messages.append({"role": "system", "content": system})
     for user in users:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": draw(turn_text(allow_tasks=False))}]
+        messages += [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": draw(turn_text(allow_tasks=False))},
+        ]
     return parse_messages({"id": "h", "messages": messages, "images": [f"{i}.jpg" for i in range(n_images)]})
 
 
@@ -233,7 +259,9 @@ def check_weights(segments: np.ndarray) -> None:
 
 @pytest.mark.parametrize("family", TOKENIZER_FAMILIES)
 @settings(max_examples=40, deadline=None)
-@given(conv=conversations(), template=st.sampled_from(TEMPLATES), block=st.integers(1, 5), max_length=st.integers(1, 120))
+@given(
+    conv=conversations(), template=st.sampled_from(TEMPLATES), block=st.integers(1, 5), max_length=st.integers(1, 120)
+)
 def test_image_expansion_and_truncation(tokenizers, family, conv, template, block, max_length):
     tokenizer = tokenizers[family]
     image_id = image_token_id(tokenizer)
@@ -269,8 +297,12 @@ def test_truncation_cuts_before_an_image_block(tokenizers):
     tokenizer = tokenizers["byte_bpe"]
     conv = Conversation(
         "two-images",
-        (Turn("user", "<image>\nFirst. <image>\nSecond?"), Turn("assistant", "Both cats."),
-         Turn("user", "Sure?"), Turn("assistant", "Yes.")),
+        (
+            Turn("user", "<image>\nFirst. <image>\nSecond?"),
+            Turn("assistant", "Both cats."),
+            Turn("user", "Sure?"),
+            Turn("assistant", "Yes."),
+        ),
         ("a.jpg", "b.jpg"),
     )
     full = encode_one(conv, tokenizer, spec_for("plain", images=10))
@@ -298,7 +330,9 @@ def test_one_bad_row_does_not_sink_the_batch(tokenizers):
     good = Conversation("good", (Turn("user", "<image>\nHi"), Turn("assistant", "Hello")), ("x.jpg",))
     too_long = Conversation("long", (Turn("user", "word " * 200), Turn("assistant", "ok")), ())
     shouting = Conversation("bad", (Turn("user", "Hi"), Turn("assistant", "Hello")), ())
-    rows = encode_conversations([good, too_long, good, shouting] * 3, tokenizer, spec_for("qwen2", images=4, max_length=64))
+    rows = encode_conversations(
+        [good, too_long, good, shouting] * 3, tokenizer, spec_for("qwen2", images=4, max_length=64)
+    )
     kinds = [type(r).__name__ if not isinstance(r, ConversationError) else r.reason for r in rows]
     assert kinds == ["EncodedRow", "no_trained_tokens", "EncodedRow", "EncodedRow"] * 3
 

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import experiment_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -96,9 +95,19 @@ def end_processes_under(root: Path) -> None:
 class LocalHead:
     """`ray start --head` isolated in a folder of its own; stopped by ending its own processes."""
 
-    PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    PORTS = (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
 
-    def __init__(self, num_cpus: float, env: dict[str, str] | None = None, auth: bool = True, extra_args: list[str] | None = None):
+    def __init__(
+        self, num_cpus: float, env: dict[str, str] | None = None, auth: bool = True, extra_args: list[str] | None = None
+    ):
         # Short: Ray's unix sockets live under it.
         self.root = Path(tempfile.mkdtemp(prefix="l2t-ray-", dir="/tmp"))
         self.ports = {name: free_port() for name in self.PORTS}
@@ -127,9 +136,17 @@ class LocalHead:
         command = [
             # Ray looks for `ray_current_cluster` in $RAY_TMPDIR/ray: processes that find the cluster
             # without an address (Ray Train's placement-group cleaner does) must find this one.
-            str(VENV_BIN / "ray"), "start", "--head", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.root / 'ray'}",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats",
-            "--object-store-memory=800000000", *(f"--{name}={port}" for name, port in self.ports.items()), *self.extra_args,
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.root / 'ray'}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+            "--object-store-memory=800000000",
+            *(f"--{name}={port}" for name, port in self.ports.items()),
+            *self.extra_args,
         ]
         out = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=240)
         if out.returncode != 0:
@@ -173,7 +190,13 @@ def s3():
         "AWS_SECRET_ACCESS_KEY": SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=BUCKET)
     yield {"env": env, "client": client}
     server.stop()
@@ -201,7 +224,9 @@ def run_logged(command: list[str], log: Path, timeout: float, **kwargs) -> tuple
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            raise AssertionError(f"{command[:4]} ran past {timeout:g} s:\n{out.read_text()[-4000:]}\n{err.read_text()[-3000:]}") from None
+            raise AssertionError(
+                f"{command[:4]} ran past {timeout:g} s:\n{out.read_text()[-4000:]}\n{err.read_text()[-3000:]}"
+            ) from None
     return code, out.read_text(), err.read_text()
 
 
@@ -232,7 +257,9 @@ def _runs(tracking_uri: str, experiment: str):
     return client, parents, children
 
 
-def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage(mlflow_server, s3, synthetic_data, tiny_model_dir, tmp_path, monkeypatch):
+def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage(
+    mlflow_server, s3, synthetic_data, tiny_model_dir, tmp_path, monkeypatch
+):
     import mlflow
     from ray.job_submission import JobSubmissionClient
 
@@ -249,11 +276,22 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
     def config(experiment, **sweep):
         return experiment_config(
             store,
-            data={"synthetic": None, "sources": [str(synthetic_data.train_file)], "image_root": str(synthetic_data.image_root), "eval_file": str(synthetic_data.eval_file)},
+            data={
+                "synthetic": None,
+                "sources": [str(synthetic_data.train_file)],
+                "image_root": str(synthetic_data.image_root),
+                "eval_file": str(synthetic_data.eval_file),
+            },
             model={"name_or_path": tiny_model_dir},
             masking={"mode": "l2t"},
             # 2 trials x 2 workers x 0.4 CPU leave room on 2 CPUs for Ray Data's per-rank tasks (0.05 CPU each).
-            train={"max_steps": 4, "log_every": 2, "checkpoint_every": 2, "micro_batch_size": 8, "cpus_per_worker": 0.4},
+            train={
+                "max_steps": 4,
+                "log_every": 2,
+                "checkpoint_every": 2,
+                "micro_batch_size": 8,
+                "cpus_per_worker": 0.4,
+            },
             eval={"max_rows": 8},
             tracking={"uri": mlflow_server, "experiment": experiment},
             sweep=sweep,
@@ -272,7 +310,10 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
         # Without the token the cluster refuses, and the error says what to set.
         code, _, err = run_logged(
             [sys.executable, "-m", "orchestrator.submit", "grid.yaml", "--sweep", "--address", head.address],
-            tmp_path / "no-token", 120, cwd=repo, env=clean_env(HOME=str(tmp_path)),
+            tmp_path / "no-token",
+            120,
+            cwd=repo,
+            env=clean_env(HOME=str(tmp_path)),
         )
         assert code == 2, err[-2000:]
         assert "RAY_AUTH_MODE=token" in err and "RAY_AUTH_TOKEN" in err
@@ -281,7 +322,10 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
         started = time.time()
         code, out, err = run_logged(
             [sys.executable, "-m", "orchestrator.submit", "grid.yaml", "--sweep", "--address", head.address],
-            tmp_path / "l2t-submit", 600, cwd=repo, env=submit_env,
+            tmp_path / "l2t-submit",
+            600,
+            cwd=repo,
+            env=submit_env,
         )
         submit_s = time.time() - started
         assert code == 0, f"{out[-4000:]}\n{err[-3000:]}"
@@ -304,8 +348,25 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
         # 2. Plain `ray job submit` of `l2t sweep` (the cluster's installed l2t), as the README shows it.
         started = time.time()
         code, out, err = run_logged(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", "plain-sweep", "--", "l2t", "sweep", "single.yaml"],
-            tmp_path / "ray-job-submit", 600, cwd=repo, env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_file)),
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                head.address,
+                "--working-dir",
+                ".",
+                "--submission-id",
+                "plain-sweep",
+                "--",
+                "l2t",
+                "sweep",
+                "single.yaml",
+            ],
+            tmp_path / "ray-job-submit",
+            600,
+            cwd=repo,
+            env=clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_file)),
         )
         plain_s = time.time() - started
         assert code == 0, f"{out[-4000:]}\n{err[-2000:]}"
@@ -319,7 +380,9 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
     assert [p.info.run_id for p in parents] == [parent_id]
     assert sorted(c.data.params["masking.lambda_instruction"] for c in children) == ["0.0", "1.0"]
     for child in children:
-        assert "eval/accuracy" in child.data.metrics and child.info.artifact_uri.startswith(f"s3://{BUCKET}/mlflow/submit-s3/")
+        assert "eval/accuracy" in child.data.metrics and child.info.artifact_uri.startswith(
+            f"s3://{BUCKET}/mlflow/submit-s3/"
+        )
         assert {"config.json", "eval", "metrics"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     _, plain_parents, plain_children = _runs(mlflow_server, "submit-plain")
     assert len(plain_parents) == 1 and len(plain_children) == 1
@@ -343,7 +406,11 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
         assert SECRET not in text, f"the secret key is in the logs of {job_id}"
     for run in [*parents, *children, *plain_parents, *plain_children]:
         assert SECRET not in json.dumps(run.data.params) and SECRET not in json.dumps(run.data.tags)
-    leaked = [k for k, size in objects.items() if size < 20_000_000 and SECRET.encode() in s3["client"].get_object(Bucket=BUCKET, Key=k)["Body"].read()]
+    leaked = [
+        k
+        for k, size in objects.items()
+        if size < 20_000_000 and SECRET.encode() in s3["client"].get_object(Bucket=BUCKET, Key=k)["Body"].read()
+    ]
     assert not leaked, (
         f"the secret key was written to S3 in {leaked}: a pyarrow S3FileSystem built with explicit keys "
         "(orchestrator/storage.py) carries them into everything Ray pickles, Tune's tuner.pkl included"

@@ -1,27 +1,44 @@
 """Which trials a sweep runs, and how they share the cluster (no Ray needed)."""
 
 import pytest
-
 from conftest import experiment_config
+
 from orchestrator.config import ConfigError
 from orchestrator.sweep import sweep_name, sweep_points
 
 
 def test_grid_is_the_product_of_lambdas_and_parameters(tmp_path):
-    cfg = experiment_config(tmp_path, sweep={"lambda_instruction": [0, 1], "lambda_response": [1, 2], "parameters": {"masking.mode": ["l2t", "l2t_no_template"]}})
+    cfg = experiment_config(
+        tmp_path,
+        sweep={
+            "lambda_instruction": [0, 1],
+            "lambda_response": [1, 2],
+            "parameters": {"masking.mode": ["l2t", "l2t_no_template"]},
+        },
+    )
     points = sweep_points(cfg)
     assert len(points) == 8
     assert {"masking.lambda_instruction": 0, "masking.lambda_response": 2, "masking.mode": "l2t_no_template"} in points
 
 
 def test_random_search_is_seeded(tmp_path):
-    cfg = experiment_config(tmp_path, sweep={"search": "random", "num_samples": 5, "lambda_instruction": [0, 0.5, 1], "parameters": {"train.lr": [1e-4, 3e-4]}})
+    cfg = experiment_config(
+        tmp_path,
+        sweep={
+            "search": "random",
+            "num_samples": 5,
+            "lambda_instruction": [0, 0.5, 1],
+            "parameters": {"train.lr": [1e-4, 3e-4]},
+        },
+    )
     assert sweep_points(cfg) == sweep_points(cfg)
     assert len(sweep_points(cfg)) == 5
 
 
 def test_points_are_validated_with_their_keys(tmp_path):
-    cfg = experiment_config(tmp_path, sweep={"search": "points", "points": [{"masking.lambda_instruction": 0.5}, {"train.lrr": 1}]})
+    cfg = experiment_config(
+        tmp_path, sweep={"search": "points", "points": [{"masking.lambda_instruction": 0.5}, {"train.lrr": 1}]}
+    )
     with pytest.raises(ConfigError, match=r"(?s)sweep point 1 .*train.lrr: unknown key"):
         sweep_points(cfg)
     with pytest.raises(ConfigError, match="nothing to sweep"):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import experiment_config
 
 pytestmark = pytest.mark.ray
@@ -51,7 +50,10 @@ def test_interrupted_sweep_resumes_only_missing_trials_and_compares(ray_cluster,
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "sweep", str(config_file)],
-        stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=open(tmp_path / "driver.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     deadline = time.time() + 420
     while not (trials_dir.exists() and any(trials_dir.glob("*.json"))):
@@ -78,7 +80,12 @@ def test_interrupted_sweep_resumes_only_missing_trials_and_compares(ray_cluster,
     for child in children:
         params = child.data.params
         assert params["masking.mode"] == "l2t" and params["masking.lambda_instruction"] in ("0.0", "1.0")
-        assert params["prepared.key"] and params["sweep.name"] == result.name and params["train.lr"] and params["git.commit"]
+        assert (
+            params["prepared.key"]
+            and params["sweep.name"] == result.name
+            and params["train.lr"]
+            and params["git.commit"]
+        )
         assert "eval/accuracy" in child.data.metrics and "eval/vc_mean" in child.data.metrics
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss_response")] == [2, 4, 6]
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}

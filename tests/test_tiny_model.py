@@ -134,7 +134,9 @@ def _color_question_batch(processor, start: int, count: int):
         return_tensors="pt",
         padding=True,
     )
-    prompt_length = processor(images=render_scene(scenes[0]), text=COLOR_PROMPT, return_tensors="pt")["input_ids"].shape[1]
+    prompt_length = processor(images=render_scene(scenes[0]), text=COLOR_PROMPT, return_tensors="pt")[
+        "input_ids"
+    ].shape[1]
     labels = inputs["input_ids"].clone()
     labels[:, :prompt_length] = -100
     labels[inputs["attention_mask"] == 0] = -100

@@ -76,7 +76,9 @@ def test_accumulation_split_gives_the_same_step(micro_rows, tiny_model_dir, tmp_
     """16 rows per step as 1x16, 2x8 and 4x4: same loss and same gradient norm (DeepSpeed's scaling undone)."""
     rows = micro_rows[:32]
     runs = {
-        (micro, gas): _train(tiny_model_dir, rows, tmp_path / f"{micro}x{gas}", micro_batch_size=micro, gradient_accumulation=gas)
+        (micro, gas): _train(
+            tiny_model_dir, rows, tmp_path / f"{micro}x{gas}", micro_batch_size=micro, gradient_accumulation=gas
+        )
         for micro, gas in ((16, 1), (8, 2), (4, 4))
     }
     reference = runs[(16, 1)]
@@ -96,7 +98,16 @@ def test_training_learns_and_exports_a_loadable_model(micro_rows, tiny_model_dir
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:2])
     final_metrics, final_dir = reports[-1]
     assert final_metrics["final"] == 1 and final_metrics["step"] == 24
-    assert {"loss_instruction", "loss_response", "tokens_instruction", "tokens_response", "grad_norm", "lr", "tokens_per_s", "samples_per_s"} <= set(final_metrics)
+    assert {
+        "loss_instruction",
+        "loss_response",
+        "tokens_instruction",
+        "tokens_response",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "samples_per_s",
+    } <= set(final_metrics)
     model = AutoModelForImageTextToText.from_pretrained(final_dir / MODEL_SUBDIR)
     tokenizer = AutoTokenizer.from_pretrained(final_dir / MODEL_SUBDIR)
     from workloads.segments import Segment
@@ -119,10 +130,21 @@ def test_checkpoint_resume_replays_the_same_steps(micro_rows, tiny_model_dir, tm
     full = {m["step"]: m for m, _ in _train(tiny_model_dir, micro_rows, tmp_path / "full", **settings)}
     reports = []
     with pytest.raises(RuntimeError, match="injected failure"):
-        _train(tiny_model_dir, micro_rows, tmp_path / "a", reports=reports, fail_at_step=2, fail_marker=str(tmp_path / "marker"), **settings)
-    (metrics, checkpoint), = [r for r in reports if r[1] is not None]
+        _train(
+            tiny_model_dir,
+            micro_rows,
+            tmp_path / "a",
+            reports=reports,
+            fail_at_step=2,
+            fail_marker=str(tmp_path / "marker"),
+            **settings,
+        )
+    ((metrics, checkpoint),) = [r for r in reports if r[1] is not None]
     assert metrics["step"] == 2
-    resumed = {m["step"]: m for m, _ in _train(tiny_model_dir, micro_rows, tmp_path / "b", resume_dir=str(checkpoint), **settings)}
+    resumed = {
+        m["step"]: m
+        for m, _ in _train(tiny_model_dir, micro_rows, tmp_path / "b", resume_dir=str(checkpoint), **settings)
+    }
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5)
@@ -137,7 +159,9 @@ def test_lambda_instruction_zero_gives_exactly_the_response_only_update(micro_ro
     l2t = _train(tiny_model_dir, micro_rows, tmp_path / "l2t", mode="l2t", lambda_instruction=0.0, **settings)
     vit = _train(tiny_model_dir, micro_rows, tmp_path / "vit", mode="response", **settings)
     for (a, _), (b, _) in zip(l2t, vit):
-        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["trained_tokens"] == b["trained_tokens"]
+        assert (
+            a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a["trained_tokens"] == b["trained_tokens"]
+        )
         assert a["loss_instruction"] == b["loss_instruction"]  # reported whatever the weight
     one = AutoModelForImageTextToText.from_pretrained(l2t[-1][1] / MODEL_SUBDIR).state_dict()
     two = AutoModelForImageTextToText.from_pretrained(vit[-1][1] / MODEL_SUBDIR).state_dict()
@@ -157,7 +181,9 @@ def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_m
     model = load_model(tiny_model_dir)
     batch = collate({k: [r[k] for r in micro_rows[:4]] for k in micro_rows[0]}, 0, torch.device("cpu"))
     weights = token_weights(batch["segments"], mode, 0.7, 1.3)
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+    outputs = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+    )
     logits = outputs.logits
     logits.retain_grad()
     l2t_loss(logits, batch["input_ids"], batch["segments"], weights, count_trained_tokens(weights)).loss.backward()
@@ -214,7 +240,15 @@ def test_ordered_micro_batches_follow_the_plan_whatever_the_arrival_order():
     from orchestrator.train import ordered_micro_batches
 
     order = np.array([5, 1, 4, 0, 3, 2])
-    arrival = [{"row": np.array(chunk), "input_ids": [np.array([r]) for r in chunk], "segments": [np.array([r]) for r in chunk], "pixel_values": [None] * len(chunk)} for chunk in ([0, 1], [2, 3, 4], [5])]
+    arrival = [
+        {
+            "row": np.array(chunk),
+            "input_ids": [np.array([r]) for r in chunk],
+            "segments": [np.array([r]) for r in chunk],
+            "pixel_values": [None] * len(chunk),
+        }
+        for chunk in ([0, 1], [2, 3, 4], [5])
+    ]
     batches = list(ordered_micro_batches(iter(arrival), order, 2))
     assert [[int(x[0]) for x in b["input_ids"]] for b in batches] == [[5, 1], [4, 0], [3, 2]]
     with pytest.raises(RuntimeError, match="ended 6 planned rows early"):
@@ -232,12 +266,14 @@ def test_load_rows_reads_the_planned_rows_with_their_images(synthetic_data, tiny
     shards = tmp_path / "prepared" / "shards"
     shards.mkdir(parents=True)
     for part, (lo, hi) in enumerate([(0, 250), (250, 300)]):
-        table = pa.table({
-            "input_ids": [list(range(i % 9 + 1)) for i in range(lo, hi)],
-            "segments": [[3] * (i % 9 + 1) for i in range(lo, hi)],
-            "images": [[images[i]] for i in range(lo, hi)],
-            "length": [i % 9 + 1 for i in range(lo, hi)],
-        })
+        table = pa.table(
+            {
+                "input_ids": [list(range(i % 9 + 1)) for i in range(lo, hi)],
+                "segments": [[3] * (i % 9 + 1) for i in range(lo, hi)],
+                "images": [[images[i]] for i in range(lo, hi)],
+                "length": [i % 9 + 1 for i in range(lo, hi)],
+            }
+        )
         pq.write_table(table, shards / f"part-{part}.parquet", row_group_size=100)
     rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
     assert len(rows.lengths) == 300 and rows.lengths[7] == 8
@@ -269,7 +305,13 @@ def test_a_run_folder_is_resumed_only_by_the_same_unfinished_configuration(tmp_p
 
 @pytest.fixture(scope="module")
 def zero2_reference(micro_rows, tiny_model_dir, tmp_path_factory):
-    return _train(tiny_model_dir, micro_rows, tmp_path_factory.mktemp("zero2"), gradient_accumulation=2, deepspeed_config=_deepspeed_json("zero2"))
+    return _train(
+        tiny_model_dir,
+        micro_rows,
+        tmp_path_factory.mktemp("zero2"),
+        gradient_accumulation=2,
+        deepspeed_config=_deepspeed_json("zero2"),
+    )
 
 
 def _deepspeed_json(name):
@@ -279,11 +321,15 @@ def _deepspeed_json(name):
 
 
 @pytest.mark.parametrize("stage", ["zero0", "zero3"])
-def test_zero_stages_take_the_same_steps_and_export_the_same_model(zero2_reference, micro_rows, tiny_model_dir, tmp_path, stage):
+def test_zero_stages_take_the_same_steps_and_export_the_same_model(
+    zero2_reference, micro_rows, tiny_model_dir, tmp_path, stage
+):
     """The shipped DeepSpeed configs: ZeRO-0 and ZeRO-3 (consolidated 16-bit export) match ZeRO-2."""
     from transformers import AutoModelForImageTextToText
 
-    reports = _train(tiny_model_dir, micro_rows, tmp_path, gradient_accumulation=2, deepspeed_config=_deepspeed_json(stage))
+    reports = _train(
+        tiny_model_dir, micro_rows, tmp_path, gradient_accumulation=2, deepspeed_config=_deepspeed_json(stage)
+    )
     for (got, _), (want, _) in zip(reports, zero2_reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
@@ -303,5 +349,10 @@ def test_a_restart_after_the_export_hands_the_same_export_back(tmp_path, tiny_mo
     (final / STATE_FILE).write_text(json.dumps({"step": 7, "final": True, "metrics": {"step": 7, "loss": 0.5}}))
     reports = []
     spec = TrainSpec(model_path=tiny_model_dir, total_steps=7, steps_per_epoch=7)
-    run_training(spec, lambda epoch: iter(()), lambda m, d: reports.append((m, Path(d, MODEL_SUBDIR, "config.json").exists() if d else None)), resume_dir=str(final))
+    run_training(
+        spec,
+        lambda epoch: iter(()),
+        lambda m, d: reports.append((m, Path(d, MODEL_SUBDIR, "config.json").exists() if d else None)),
+        resume_dir=str(final),
+    )
     assert reports == [({"step": 7, "loss": 0.5, "final": 1}, True)]

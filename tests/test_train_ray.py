@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import experiment_config
 
 pytestmark = pytest.mark.ray
@@ -28,7 +27,9 @@ LAYOUTS = {"A": (1, 4, 4), "B": (2, 4, 2), "C": (2, 8, 1)}  # workers, micro-bat
 def _state_dict(model_dir: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForImageTextToText
 
-    return {k: v.detach().clone() for k, v in AutoModelForImageTextToText.from_pretrained(model_dir).state_dict().items()}
+    return {
+        k: v.detach().clone() for k, v in AutoModelForImageTextToText.from_pretrained(model_dir).state_dict().items()
+    }
 
 
 def _metrics_rows(run_path: str) -> list[dict]:
@@ -44,7 +45,14 @@ def fits(ray_cluster, tmp_path_factory):
     base = experiment_config(
         storage,
         masking={"mode": "l2t", "lambda_instruction": 0.5},
-        train={"max_steps": STEPS, "lr": 1e-3, "lr_schedule": "constant", "warmup_ratio": 0.0, "log_every": 1, "checkpoint_every": 2},
+        train={
+            "max_steps": STEPS,
+            "lr": 1e-3,
+            "lr_schedule": "constant",
+            "warmup_ratio": 0.0,
+            "log_every": 1,
+            "checkpoint_every": 2,
+        },
     )
     cfg, model_dir, prepared = prepare_inputs(base)
     out = {"initial": _state_dict(model_dir), "model_dir": model_dir, "storage": storage}
@@ -52,7 +60,11 @@ def fits(ray_cluster, tmp_path_factory):
     def fit(label, run_name, workers, micro, gas, **train):
         layout = {"train.num_workers": workers, "train.micro_batch_size": micro, "train.gradient_accumulation": gas}
         layout.update({f"train.{k}": v for k, v in train.items() if k != "fail_at_step"})
-        overrides = {"fail_at_step": train["fail_at_step"], "fail_marker": str(storage / f"{label}.failed")} if "fail_at_step" in train else None
+        overrides = (
+            {"fail_at_step": train["fail_at_step"], "fail_marker": str(storage / f"{label}.failed")}
+            if "fail_at_step" in train
+            else None
+        )
         result = run_train(with_overrides(cfg, layout), prepared, model_dir, run_name, spec_overrides=overrides)
         out[label] = result
         out[f"{label}_params"] = _state_dict(result.model_dir)
@@ -77,7 +89,10 @@ def test_layouts_give_the_same_loss_gradient_and_update(fits, label):
     for step in range(1, STEPS + 1):
         want, got = reference[step], other[step]
         assert got["trained_tokens"] == want["trained_tokens"], step
-        assert got["tokens_instruction"] == want["tokens_instruction"] and got["tokens_response"] == want["tokens_response"]
+        assert (
+            got["tokens_instruction"] == want["tokens_instruction"]
+            and got["tokens_response"] == want["tokens_response"]
+        )
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), step
         assert got["loss_instruction"] == pytest.approx(want["loss_instruction"], rel=1e-5)
         assert got["loss_response"] == pytest.approx(want["loss_response"], rel=1e-5)
@@ -130,5 +145,16 @@ def test_exported_model_loads_and_generates(fits):
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     metrics = fits["B"].history[-1]
-    assert {"loss", "loss_instruction", "loss_response", "tokens_instruction", "tokens_response", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "padding_share"} <= set(metrics)
+    assert {
+        "loss",
+        "loss_instruction",
+        "loss_response",
+        "tokens_instruction",
+        "tokens_response",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "samples_per_s",
+        "padding_share",
+    } <= set(metrics)
     assert fits["B"].data["padding_share_planned"] < fits["B"].data["padding_share_ungrouped"]

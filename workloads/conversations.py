@@ -215,13 +215,16 @@ def _build(row_id: str, roles_and_texts: list[tuple[str, str]], images: tuple[st
             raise ConversationError("unknown_role", f"row {row_id!r}: turn {i} has unknown role {raw_role!r}")
         if role == "system":
             if i != 0:
-                raise ConversationError("wrong_role_order", f"row {row_id!r}: system message at position {i}, not first")
+                raise ConversationError(
+                    "wrong_role_order", f"row {row_id!r}: system message at position {i}, not first"
+                )
             system = text
             continue
         expected = USER if len(turns) % 2 == 0 else ASSISTANT
         if role != expected:
             raise ConversationError(
-                "wrong_role_order", f"row {row_id!r}: turn {i} is {role!r}, expected {expected!r} (user first, alternating)"
+                "wrong_role_order",
+                f"row {row_id!r}: turn {i} is {role!r}, expected {expected!r} (user first, alternating)",
             )
         turns.append(Turn(role, text))
     if not turns:
@@ -232,7 +235,9 @@ def _build(row_id: str, roles_and_texts: list[tuple[str, str]], images: tuple[st
         if not turn.text.strip():
             raise ConversationError("empty_turn", f"row {row_id!r}: {turn.role} turn {i} is empty")
         if turn.role == ASSISTANT and IMAGE_PLACEHOLDER in turn.text:
-            raise ConversationError("image_in_response", f"row {row_id!r}: assistant turn {i} contains {IMAGE_PLACEHOLDER}")
+            raise ConversationError(
+                "image_in_response", f"row {row_id!r}: assistant turn {i} contains {IMAGE_PLACEHOLDER}"
+            )
     placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns if t.role == USER)
     if placeholders == 0 and len(images) == 1:
         turns[0] = Turn(USER, IMAGE_PLACEHOLDER + "\n" + turns[0].text)

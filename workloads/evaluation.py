@@ -153,7 +153,9 @@ def normalize_question(row: dict, position: int = 0, default_kind: str | None = 
     }
 
 
-def parse_question_lines(lines: Iterable[str], *, limit: int | None = None, default_kind: str | None = None) -> list[dict]:
+def parse_question_lines(
+    lines: Iterable[str], *, limit: int | None = None, default_kind: str | None = None
+) -> list[dict]:
     """Normalized questions from JSONL lines (or the text of a JSON list, as one item)."""
     rows: list[dict] = []
     for number, line in enumerate(lines, start=1):
@@ -222,7 +224,9 @@ def question_conversation(row: dict, answer: str | None = None) -> Conversation:
         answer = row.get("answer")
         if isinstance(answer, list):
             answer = answer[0] if answer else None
-    return Conversation(id=str(row["question_id"]), turns=(Turn("user", text), Turn("assistant", answer or "?")), images=images)
+    return Conversation(
+        id=str(row["question_id"]), turns=(Turn("user", text), Turn("assistant", answer or "?")), images=images
+    )
 
 
 # ---------------------------------------------------------------- scoring
@@ -285,7 +289,9 @@ def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _response_logp(model, ids: list[np.ndarray], segments: list[np.ndarray], pixel_values, pad_id: int, device) -> tuple[np.ndarray, np.ndarray]:
+def _response_logp(
+    model, ids: list[np.ndarray], segments: list[np.ndarray], pixel_values, pad_id: int, device
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed log p of RESPONSE tokens per row, and their count."""
     input_ids = _pad(ids, pad_id, left=False).to(device)
     segs = _pad(segments, int(Segment.PAD), left=False).to(device)
@@ -340,7 +346,15 @@ class Evaluator:
         model.eval()
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, spec: EncodeSpec | None = None, *, device: str = "cpu", dtype: torch.dtype | None = None, **options) -> "Evaluator":
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        spec: EncodeSpec | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        **options,
+    ) -> "Evaluator":
         """Load model, tokenizer and image processor from a `save_pretrained` folder.
 
         Without `spec`, one is made with `vicuna_v1`, max_length 2048 and the
@@ -353,7 +367,13 @@ class Evaluator:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
         spec = spec or EncodeSpec("vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dir)), 2048)
-        return cls(model, AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir), spec, **options)
+        return cls(
+            model,
+            AutoTokenizer.from_pretrained(model_dir),
+            AutoImageProcessor.from_pretrained(model_dir),
+            spec,
+            **options,
+        )
 
     def _pixels(self, images: list) -> torch.Tensor | None:
         if not images:
@@ -411,7 +431,9 @@ class Evaluator:
             pad_token_id=self.pad_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        predictions = [p.strip() for p in tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)]
+        predictions = [
+            p.strip() for p in tokenizer.batch_decode(generated[:, prompt_ids.shape[1] :], skip_special_tokens=True)
+        ]
 
         answered = [bool(r.get("answer")) for r in rows]
         logp_real = logp_null = counts = None
@@ -464,10 +486,23 @@ class Evaluator:
 
 def _failed(row: dict, reason: str) -> SampleResult:
     return SampleResult(
-        question_id=str(row["question_id"]), kind=row["kind"], question=row["text"], answer=row.get("answer"),
-        prediction="", correct=None, logp_with_image=None, logp_null_image=None, vc_sum=None, vc_mean=None,
-        response_tokens=0, references=row.get("references"), choices=row.get("choices"), objects=row.get("objects"),
-        category=row.get("category"), image=row.get("image"), error=reason,
+        question_id=str(row["question_id"]),
+        kind=row["kind"],
+        question=row["text"],
+        answer=row.get("answer"),
+        prediction="",
+        correct=None,
+        logp_with_image=None,
+        logp_null_image=None,
+        vc_sum=None,
+        vc_mean=None,
+        response_tokens=0,
+        references=row.get("references"),
+        choices=row.get("choices"),
+        objects=row.get("objects"),
+        category=row.get("category"),
+        image=row.get("image"),
+        error=reason,
     )
 
 
@@ -490,8 +525,15 @@ def evaluate(
     returns (aggregate metrics, per-sample results in question order)."""
     normalized = [q if "references" in q else normalize_question(q, i) for i, q in enumerate(questions)]
     evaluator = Evaluator(
-        model, tokenizer, image_processor, spec, image_root=image_root, null_image=null_image,
-        max_new_tokens=max_new_tokens, num_beams=num_beams, seed=seed,
+        model,
+        tokenizer,
+        image_processor,
+        spec,
+        image_root=image_root,
+        null_image=null_image,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        seed=seed,
     )
     samples: list[SampleResult] = []
     for start in range(0, len(normalized), batch_size):
@@ -592,7 +634,9 @@ def summarize(
         metrics["caption_cider"] = float(cider_d(predictions, references))
         metrics["caption_bleu4"] = float(bleu4(predictions, references))
         if all(s.objects is not None for s in captions):
-            vocabularies = chair_vocabularies if chair_vocabularies is not None else default_chair_vocabularies(captions)
+            vocabularies = (
+                chair_vocabularies if chair_vocabularies is not None else default_chair_vocabularies(captions)
+            )
             for suffix, vocabulary in vocabularies.items():
                 chair = hallucination_rate(predictions, [s.objects for s in captions], vocabulary)
                 metrics[f"chair_i{suffix}"] = float(chair["chair_i"])

@@ -68,7 +68,9 @@ def l2t_loss(
 
     with torch.no_grad():
         detached = nll.detach()
-        is_instruction = torch.isin(target_segments, torch.tensor([int(s) for s in INSTRUCTION_SEGMENTS], device=nll.device))
+        is_instruction = torch.isin(
+            target_segments, torch.tensor([int(s) for s in INSTRUCTION_SEGMENTS], device=nll.device)
+        )
         is_response = torch.isin(target_segments, torch.tensor([int(s) for s in RESPONSE_SEGMENTS], device=nll.device))
         parts = LossParts(
             loss=loss,

@@ -44,7 +44,9 @@ def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
     return texts
 
 
-def inspect_rows(encoded, tokenizer, mode: str, lambda_instruction: float = 1.0, lambda_response: float = 1.0) -> list[dict]:
+def inspect_rows(
+    encoded, tokenizer, mode: str, lambda_instruction: float = 1.0, lambda_response: float = 1.0
+) -> list[dict]:
     """`encoded`: (row_id, EncodedRow) pairs -> [{"id", "tokens": [{"text", "id", "segment", "weight"}]}]."""
     table = segment_weight_table(mode, lambda_instruction, lambda_response)
     rows = []

@@ -34,56 +34,147 @@ from collections.abc import Collection, Sequence
 # ---------------------------------------------------------------------------
 
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
-    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
     "shouldn'tve": "shouldn't've",
     # Sic: the official table maps this one backwards; kept for fidelity.
     "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've",
-    "somethingll": "something'll", "thats": "that's", "thered": "there'd",
-    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
-    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
-    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
-    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
-    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 
 _ARTICLES = frozenset({"a", "an", "the"})
 
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-          ">", "<", "@", "`", ",", "?", "!"]
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
 # The official pattern, verbatim. "(?!<=\d)" is a look-ahead (the script meant a
 # look-behind), so in effect it removes every period not followed by a digit:
@@ -219,13 +310,9 @@ def parse_multiple_choice(prediction: str, choices: Sequence[str]) -> int | None
         idx = _letter_index(m.group(1), n)
         if idx is not None and normalize_vqa_answer(m.group(2)) == norm_choices[idx]:
             return idx
-    found = [
-        i for i, c in enumerate(norm_choices)
-        if c and re.search(r"(?<!\S)" + re.escape(c) + r"(?!\S)", norm_pred)
-    ]
+    found = [i for i, c in enumerate(norm_choices) if c and re.search(r"(?<!\S)" + re.escape(c) + r"(?!\S)", norm_pred)]
     # "red circle" also contains the option "circle": keep the longest matches.
-    found = [i for i in found
-             if not any(j != i and norm_choices[i] in norm_choices[j] for j in found)]
+    found = [i for i in found if not any(j != i and norm_choices[i] in norm_choices[j] for j in found)]
     return found[0] if len(found) == 1 else None
 
 
@@ -259,8 +346,7 @@ _CLITIC = re.compile(r"(\w)'(s|re|ve|ll|d|m)\b")
 _CAPTION_TOKEN = re.compile(r"n't\b|'[a-z]+|\d+(?:[.,]\d+)+|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
 # PTBTokenizer output tokens that pycocoevalcap drops; PTB turns quotes and
 # brackets into ``, '', -LRB- ... which are in its list too.
-_DROPPED = frozenset({"'", "`", '"', "(", ")", "[", "]", "{", "}", ".", "?", "!", ",",
-                      ":", "-", ";"})
+_DROPPED = frozenset({"'", "`", '"', "(", ")", "[", "]", "{", "}", ".", "?", "!", ",", ":", "-", ";"})
 
 
 def tokenize_caption(text: str) -> list[str]:
@@ -280,7 +366,7 @@ def _ngram_counts(words: Sequence[str], n: int) -> Counter:
     counts: Counter = Counter()
     for k in range(1, n + 1):
         for i in range(len(words) - k + 1):
-            counts[tuple(words[i:i + k])] += 1
+            counts[tuple(words[i : i + k])] += 1
     return counts
 
 
@@ -299,6 +385,7 @@ def _check_corpus(candidates: Sequence[str], references: Sequence[Sequence[str]]
 # ---------------------------------------------------------------------------
 # BLEU (pycocoevalcap bleu_scorer.py)
 # ---------------------------------------------------------------------------
+
 
 def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> list[float]:
     """Corpus BLEU-1..``max_n`` as pycocoevalcap's ``Bleu`` computes them.
@@ -353,6 +440,7 @@ def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> flo
 # CIDEr-D (pycocoevalcap cider_scorer.py)
 # ---------------------------------------------------------------------------
 
+
 def cider_d_scores(
     candidates: Sequence[str],
     references: Sequence[Sequence[str]],
@@ -404,10 +492,9 @@ def cider_d_scores(
         total = [0.0] * n
         for ref in refs:
             vec_r, norm_r, length_r = to_vec(ref)
-            penalty = math.exp(-((length - length_r) ** 2) / (2 * sigma ** 2))
+            penalty = math.exp(-((length - length_r) ** 2) / (2 * sigma**2))
             for k in range(n):
-                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0)
-                          for g, w in vec[k].items())
+                val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
                 if norm[k] != 0 and norm_r[k] != 0:
                     val /= norm[k] * norm_r[k]
                 total[k] += val * penalty
@@ -424,6 +511,7 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> f
 # ---------------------------------------------------------------------------
 # POPE
 # ---------------------------------------------------------------------------
+
 
 def pope_yes_no(text: str) -> str:
     """Map a free-text answer to "yes" / "no" with the POPE script's rule.
@@ -485,6 +573,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict:
 # CHAIR-style hallucination
 # ---------------------------------------------------------------------------
 
+
 def _plural(word: str) -> str:
     if re.search(r"(?:s|x|z|ch|sh)$", word):
         return word + "es"
@@ -545,8 +634,7 @@ def hallucination_rate(
                 canonical[form] = entry_norm
     pattern = _phrase_pattern(canonical)
     entry_patterns = {
-        entry: _phrase_pattern([f for f, e in canonical.items() if e == entry])
-        for entry in set(canonical.values())
+        entry: _phrase_pattern([f for f, e in canonical.items() if e == entry]) for entry in set(canonical.values())
     }
     covered: dict[str, set[str]] = {}
 
@@ -587,6 +675,7 @@ def hallucination_rate(
 # ---------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------
+
 
 def mean_std(values: Sequence[float], ddof: int = 1) -> tuple[float, float]:
     """Mean and standard deviation of ``values`` (e.g. one metric over seeds).

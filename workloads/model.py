@@ -150,7 +150,14 @@ def apply_freeze_policy(model: torch.nn.Module, policy: str) -> ParameterCounts:
 # ---------------------------------------------------------------- TinyLLaVA-style composition
 
 
-def llava_config(text_config, vision_config, *, image_token_id: int, vision_feature_layer: int = -2, projector_hidden_act: str = "gelu"):
+def llava_config(
+    text_config,
+    vision_config,
+    *,
+    image_token_id: int,
+    vision_feature_layer: int = -2,
+    projector_hidden_act: str = "gelu",
+):
     """A `LlavaConfig` joining any causal LM config and a CLIP or SigLIP vision config.
 
     SigLIP has no CLS token, so its features are all kept ("full"); CLIP drops
@@ -192,7 +199,9 @@ def _load_vision_weights(target, source) -> None:
     source_state = getattr(source, "vision_model", source).state_dict()
     wanted = target.state_dict()
     missing = sorted(set(wanted) - set(source_state))
-    unexpected = sorted(k for k in set(source_state) - set(wanted) if not k.startswith("head."))  # the unused pooling head
+    unexpected = sorted(
+        k for k in set(source_state) - set(wanted) if not k.startswith("head.")
+    )  # the unused pooling head
     if missing or unexpected:
         raise ValueError(f"vision tower weights don't fit: missing {missing}, unexpected {unexpected}")
     target.load_state_dict({k: source_state[k] for k in wanted})
@@ -337,7 +346,9 @@ class TrainingFlops:
         vision = getattr(config, "vision_config", None)
         trains = lambda part: part is not None and any(p.requires_grad for p in part.parameters())  # noqa: E731
         if language_model is None or tower is None or vision is None:
-            return cls(_matmul_params(model), text.num_hidden_layers, text.hidden_size, 0, 0, 0, 0, 0, trains(model), False)
+            return cls(
+                _matmul_params(model), text.num_hidden_layers, text.hidden_size, 0, 0, 0, 0, 0, trains(model), False
+            )
         positions = (vision.image_size // vision.patch_size) ** 2 + (1 if _has_cls_token(vision) else 0)
         lm_head = getattr(model, "lm_head", None)
         return cls(

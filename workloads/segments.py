@@ -257,7 +257,9 @@ def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[t
     return batch["input_ids"], batch["offset_mapping"]
 
 
-def _segment(texts, piece_starts, piece_segments, row_ids, ids_lists, offset_lists, spec: EncodeSpec, image_id: int) -> list:
+def _segment(
+    texts, piece_starts, piece_segments, row_ids, ids_lists, offset_lists, spec: EncodeSpec, image_id: int
+) -> list:
     """Segments for tokenized rows: the vectorized lookup, image expansion and truncation."""
     from workloads.conversations import ConversationError
 

@@ -84,7 +84,6 @@ def _image_processor(image_size: int):
     """
     try:
         import torchvision  # noqa: F401
-
         from transformers import CLIPImageProcessor as processor_class
     except ImportError:
         from transformers import CLIPImageProcessorPil as processor_class

@@ -101,7 +101,9 @@ def ensure_process_group(use_gpu: bool) -> tuple[int, int]:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if use_gpu else "gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(
+            "nccl" if use_gpu else "gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"])
+        )
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -174,7 +176,18 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-TALLY = ("loss", "nll_instruction", "tokens_instruction", "nll_response", "tokens_response", "tokens", "length_squared", "samples", "positions", "images")
+TALLY = (
+    "loss",
+    "nll_instruction",
+    "tokens_instruction",
+    "nll_response",
+    "tokens_response",
+    "tokens",
+    "length_squared",
+    "samples",
+    "positions",
+    "images",
+)
 
 
 def _tally(parts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -183,11 +196,13 @@ def _tally(parts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     ids, pixels = batch["input_ids"], batch.get("pixel_values")
     shape = [ids.size(0), ids.numel(), 0 if pixels is None else pixels.size(0)]
     losses = (parts.loss, parts.nll_instruction, parts.tokens_instruction, parts.nll_response, parts.tokens_response)
-    return torch.cat([
-        torch.stack([t.detach().double() for t in losses]),
-        torch.stack([lengths.sum(), (lengths**2).sum()]),
-        torch.tensor(shape, dtype=torch.float64, device=ids.device),
-    ])
+    return torch.cat(
+        [
+            torch.stack([t.detach().double() for t in losses]),
+            torch.stack([lengths.sum(), (lengths**2).sum()]),
+            torch.tensor(shape, dtype=torch.float64, device=ids.device),
+        ]
+    )
 
 
 class _Clock:
@@ -338,8 +353,12 @@ def run_training(
                 "step": step,
                 "epoch": epoch,
                 "loss": totals["loss"],
-                "loss_instruction": totals["nll_instruction"] / totals["tokens_instruction"] if totals["tokens_instruction"] else math.nan,
-                "loss_response": totals["nll_response"] / totals["tokens_response"] if totals["tokens_response"] else math.nan,
+                "loss_instruction": totals["nll_instruction"] / totals["tokens_instruction"]
+                if totals["tokens_instruction"]
+                else math.nan,
+                "loss_response": totals["nll_response"] / totals["tokens_response"]
+                if totals["tokens_response"]
+                else math.nan,
                 "tokens_instruction": totals["tokens_instruction"],
                 "tokens_response": totals["tokens_response"],
                 "trained_tokens": float(trained_tokens),
@@ -385,7 +404,9 @@ def _export(engine, spec: TrainSpec, rank: int, metrics: dict[str, float], repor
             target = Path(tmp) / MODEL_SUBDIR
             engine.module.save_pretrained(target, state_dict=state_dict)
             load_processor(spec.model_path).save_pretrained(target)
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": int(metrics.get("step", 0)), "final": True, "metrics": metrics}))
+            (Path(tmp) / STATE_FILE).write_text(
+                json.dumps({"step": int(metrics.get("step", 0)), "final": True, "metrics": metrics})
+            )
             checkpoint_dir = tmp
         report({**metrics, "final": 1}, checkpoint_dir)
 
