@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workloads.chat_templates import render  # noqa: E402
 from workloads.conversations import Conversation, Turn  # noqa: E402
-from workloads.segments import EncodeSpec, Segment, encode_conversations, token_weights  # noqa: E402
+from workloads.segment_codes import Segment, token_weights  # noqa: E402
+from workloads.segments import EncodeSpec, encode_conversations  # noqa: E402
 from workloads.tokenizer_factory import train_tokenizer  # noqa: E402
 
 VQA_SUFFIX = "Answer the question using a single word or phrase."

@@ -74,11 +74,12 @@ def make_data(workdir: Path, rows: int, seed: int = 0) -> Path:
 def make_model(workdir: Path, data: Path) -> Path:
     """The tiny LLaVA preset with its tokenizer trained on (the first 20,000 of) these rows."""
     from orchestrator.pipeline import _corpus
-    from workloads.tiny_model import TinyModelSpec, build_tiny_model
+    from workloads.config import TinyModelConfig
+    from workloads.tiny_model import build_tiny_model
 
     out = workdir / "tiny-model"
     if not (out / "config.json").exists():
-        build_tiny_model(out, _corpus([str(data)], "vicuna_v1", limit=20_000), TinyModelSpec())
+        build_tiny_model(out, _corpus([str(data)], "vicuna_v1", limit=20_000), TinyModelConfig())
     return out
 
 

@@ -78,11 +78,13 @@ def build_inputs(args, work: Path):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from orchestrator.pipeline import _corpus
+    from workloads.config import TinyModelConfig
     from workloads.conversations import parse_record
+    from workloads.model import num_image_tokens
     from workloads.segments import EncodeSpec, encode_conversations
     from workloads.synthetic import write_synthetic_dataset
     from workloads.task_templates import count_sentences, select_task_templates
-    from workloads.tiny_model import TinyModelSpec, build_tiny_model, num_image_tokens
+    from workloads.tiny_model import build_tiny_model
 
     data = write_synthetic_dataset(
         work / "data",
@@ -103,7 +105,7 @@ def build_inputs(args, work: Path):
     corpus = list(_corpus([str(data.train_file)], "vicuna_v1"))
     model_dirs = {}
     for seed in range(args.seeds):
-        model_dirs[seed] = build_tiny_model(work / f"init-{seed}", corpus, TinyModelSpec(seed=seed))
+        model_dirs[seed] = build_tiny_model(work / f"init-{seed}", corpus, TinyModelConfig(), seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dirs[0])
     processor = AutoImageProcessor.from_pretrained(model_dirs[0])
     from transformers import AutoConfig
@@ -127,7 +129,7 @@ def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]
 
     The loss is Σ w·nll / N with N every trained token of the step (DESIGN.md), so at λ_I = λ_A = 1
     the response tokens' share of the gradient shrinks as instruction tokens join the loss."""
-    from workloads.segments import RESPONSE_SEGMENTS, token_weights
+    from workloads.segment_codes import RESPONSE_SEGMENTS, token_weights
 
     segments = np.concatenate([np.asarray(r["segments"])[1:] for r in rows]).astype(
         np.int64

@@ -239,7 +239,7 @@ def write_gpu_model(out_dir: Path, shape: str) -> str:
 def synthetic_gpu_rows(config, rows: int, text_tokens: int, seed: int = 0) -> list[dict]:
     """LLaVA-shaped rows: system + user turn with one image, instruction, response; random ids."""
     from workloads.model import num_image_tokens
-    from workloads.segments import Segment
+    from workloads.segment_codes import Segment
 
     rng = np.random.default_rng(seed)
     image_tokens = num_image_tokens(config)

@@ -280,7 +280,8 @@ def data_inspect(
     from workloads.conversations import ConversationError, parse_record
     from workloads.mask_inspect import inspect_rows, to_html, to_json, to_rich_text
     from workloads.model import num_image_tokens
-    from workloads.segments import MASKING_MODES, EncodeSpec, encode_conversations
+    from workloads.segment_codes import MASKING_MODES
+    from workloads.segments import EncodeSpec, encode_conversations
 
     cfg = _load(config, overrides)
     mode = mode or cfg.masking.mode

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ExperimentConfig, config_from_dict
+from orchestrator.config import ExperimentConfig, with_overrides
 from orchestrator.evaluate import evaluate_model
 from orchestrator.prepare import PreparedData, prepare
 from orchestrator.train import TrainResult, run_train
@@ -38,16 +38,6 @@ class ExperimentResult:
     wall_s: float
     prepared: PreparedData
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def with_overrides(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
-    """A copy of `cfg` with `{dotted.key: value}` set, validated again."""
-    from orchestrator.config import apply_overrides
-
-    raw = cfg.model_dump(mode="json")
-    for key, value in updates.items():
-        apply_overrides(raw, [f"{key}={json.dumps(value)}"])
-    return config_from_dict(raw, "<overrides>")
 
 
 def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -122,7 +112,7 @@ def resolve_model(cfg: ExperimentConfig) -> str:
         local = Path(cfg.model.name_or_path).expanduser()
         return str(local.resolve()) if local.exists() else cfg.model.name_or_path
     from orchestrator.prepare import list_source_files
-    from workloads.tiny_model import TinyModelSpec, build_tiny_model
+    from workloads.tiny_model import build_tiny_model
 
     files = list_source_files(cfg.data.sources)
     key = _hash(
@@ -136,20 +126,12 @@ def resolve_model(cfg: ExperimentConfig) -> str:
     out = Path(storage.absolute(cfg.storage.path)) / "models" / f"tiny-{key}"
     if not (out / "config.json").exists():
         log(f"[model] building the tiny LLaVA preset -> {out}")
-        tiny = cfg.model.tiny
-        spec = TinyModelSpec(
-            image_size=tiny.image_size,
-            patch_size=tiny.patch_size,
-            vision_hidden=tiny.vision_hidden,
-            vision_layers=tiny.vision_layers,
-            text_hidden=tiny.text_hidden,
-            text_layers=tiny.text_layers,
-            lm=tiny.lm,
-            vocab_size=tiny.vocab_size,
-            tokenizer_family=tiny.tokenizer_family,
+        build_tiny_model(
+            out,
+            _corpus([f for f in files if not storage.is_s3(f)], cfg.data.chat_template),
+            cfg.model.tiny,
             seed=cfg.train.seed,
         )
-        build_tiny_model(out, _corpus([f for f in files if not storage.is_s3(f)], cfg.data.chat_template), spec)
     return str(out)
 
 

@@ -693,7 +693,7 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
 
 def _encoding_summary(batch: pa.Table) -> pa.Table:
     """One row per block: written rows, tokens per segment, truncations, lengths, failures by reason."""
-    from workloads.segments import Segment
+    from workloads.segment_codes import Segment
 
     good = batch.filter(batch.column("ok"))
     flat = pc.list_flatten(good.column("segments")).to_numpy(zero_copy_only=False)
@@ -848,7 +848,7 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
 
     from orchestrator.cluster import cluster_cpus
     from workloads.model import num_image_tokens
-    from workloads.segments import Segment
+    from workloads.segment_codes import Segment
     from workloads.task_templates import TaskTemplateList
 
     say = progress or (lambda message: None)

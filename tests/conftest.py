@@ -31,10 +31,11 @@ def synthetic_data(tmp_path_factory):
 def tiny_model_dir(synthetic_data, tmp_path_factory) -> str:
     """The tiny LLaVA preset, its tokenizer trained on the synthetic corpus rendered with vicuna_v1."""
     from orchestrator.pipeline import _corpus
-    from workloads.tiny_model import TinyModelSpec, build_tiny_model
+    from workloads.config import TinyModelConfig
+    from workloads.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
-    build_tiny_model(out, _corpus([str(synthetic_data.train_file)], "vicuna_v1"), TinyModelSpec())
+    build_tiny_model(out, _corpus([str(synthetic_data.train_file)], "vicuna_v1"), TinyModelConfig())
     return str(out)
 
 

@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from workloads.chat_templates import TEMPLATES, VICUNA_SYSTEM, render
 from workloads.conversations import Conversation, ConversationError, Turn
-from workloads.segments import Segment
+from workloads.segment_codes import Segment
 from workloads.tokenizer_factory import train_tokenizer
 
 S = Segment

@@ -341,7 +341,8 @@ def _train(model_dir, records, image_root, *, steps, see_images, seed=0, batch=1
     from workloads.conversations import parse_record
     from workloads.loss import count_trained_tokens, l2t_loss
     from workloads.model import num_image_tokens
-    from workloads.segments import Segment, encode_conversations, token_weights
+    from workloads.segment_codes import Segment, token_weights
+    from workloads.segments import encode_conversations
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from workloads.loss import count_trained_tokens, l2t_loss
-from workloads.segments import Segment, token_weights
+from workloads.segment_codes import Segment, token_weights
 
 S = Segment
 

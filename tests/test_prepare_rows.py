@@ -215,7 +215,7 @@ def _encode_spec(model_dir, max_length):
 
 
 def test_encode_rows_rejects_rows_with_no_trained_token(tiny_model_dir):
-    from workloads.segments import Segment
+    from workloads.segment_codes import Segment
 
     long_question = "<image>\n" + " ".join(["What color is the shape?"] * 30)
     lines = [_llava("short", "ok.png"), _llava("long", "ok.png", turns=(("human", long_question), ("gpt", "Red")))]

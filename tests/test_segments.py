@@ -35,16 +35,8 @@ from hypothesis import strategies as st
 
 from workloads.chat_templates import TEMPLATES, render
 from workloads.conversations import Conversation, ConversationError, Turn, parse_messages
-from workloads.segments import (
-    MASKING_MODES,
-    EncodedRow,
-    EncodeSpec,
-    Segment,
-    encode_conversations,
-    image_token_id,
-    segment_tokens,
-    token_weights,
-)
+from workloads.segment_codes import MASKING_MODES, Segment, token_weights
+from workloads.segments import EncodedRow, EncodeSpec, encode_conversations, image_token_id, segment_tokens
 from workloads.tokenizer_factory import TOKENIZER_FAMILIES, train_tokenizer
 
 TASKS = ("Answer the question using a single word or phrase.", "Describe the image briefly.")

@@ -18,8 +18,10 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from workloads.config import TinyModelConfig
+from workloads.model import num_image_tokens
 from workloads.synthetic import generate_records, make_scene, render_scene
-from workloads.tiny_model import TinyModelSpec, build_tiny_model, num_image_tokens
+from workloads.tiny_model import build_tiny_model
 
 PROMPT = "USER: <image>\nWhat color? ASSISTANT:"
 COLOR_PROMPT = "USER: <image>\nWhat color is the shape? ASSISTANT:"
@@ -34,7 +36,7 @@ def _corpus() -> list[str]:
 def model_dir(request, tmp_path_factory):
     lm, family = request.param
     return build_tiny_model(
-        tmp_path_factory.mktemp(f"tiny-{lm}"), _corpus(), TinyModelSpec(lm=lm, tokenizer_family=family)
+        tmp_path_factory.mktemp(f"tiny-{lm}"), _corpus(), TinyModelConfig(lm=lm, tokenizer_family=family)
     )
 
 
@@ -107,9 +109,9 @@ def test_parameter_count_is_small(loaded):
 
 def test_build_is_deterministic(tmp_path):
     corpus = _corpus()
-    spec = TinyModelSpec(lm="llama", tokenizer_family="byte_bpe", seed=3)
-    first = build_tiny_model(tmp_path / "a", corpus, spec)
-    second = build_tiny_model(tmp_path / "b", corpus, spec)
+    spec = TinyModelConfig(lm="llama", tokenizer_family="byte_bpe")
+    first = build_tiny_model(tmp_path / "a", corpus, spec, seed=3)
+    second = build_tiny_model(tmp_path / "b", corpus, spec, seed=3)
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
     weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert weights_a.keys() == weights_b.keys()
@@ -118,9 +120,9 @@ def test_build_is_deterministic(tmp_path):
 
 def test_rejects_bad_specs(tmp_path):
     with pytest.raises(ValueError):
-        build_tiny_model(tmp_path / "x", _corpus(), TinyModelSpec(lm="gpt2"))
+        build_tiny_model(tmp_path / "x", _corpus(), TinyModelConfig(lm="gpt2"))
     with pytest.raises(ValueError):
-        build_tiny_model(tmp_path / "y", _corpus(), TinyModelSpec(image_size=30))
+        build_tiny_model(tmp_path / "y", _corpus(), TinyModelConfig(image_size=30))
 
 
 def _color_question_batch(processor, start: int, count: int):
@@ -158,7 +160,7 @@ def test_learns_to_read_the_color_from_the_image(tmp_path):
 
     DESIGN.md saw 100% within ~150 steps at batch 32, lr 1e-3; here it takes about 50.
     """
-    model_dir = build_tiny_model(tmp_path / "learner", _corpus(), TinyModelSpec(seed=0))
+    model_dir = build_tiny_model(tmp_path / "learner", _corpus(), TinyModelConfig(), seed=0)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     train_inputs, train_labels = _color_question_batch(processor, 0, 512)

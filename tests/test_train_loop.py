@@ -110,7 +110,7 @@ def test_training_learns_and_exports_a_loadable_model(micro_rows, tiny_model_dir
     } <= set(final_metrics)
     model = AutoModelForImageTextToText.from_pretrained(final_dir / MODEL_SUBDIR)
     tokenizer = AutoTokenizer.from_pretrained(final_dir / MODEL_SUBDIR)
-    from workloads.segments import Segment
+    from workloads.segment_codes import Segment
 
     row = micro_rows[0]
     prompt_length = int(np.argmax(row["segments"] == int(Segment.RESPONSE)))
@@ -175,7 +175,7 @@ def test_lambda_instruction_zero_gives_exactly_the_response_only_update(micro_ro
 def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_model_dir, mode):
     from workloads.loss import count_trained_tokens, l2t_loss
     from workloads.model import load_model
-    from workloads.segments import token_weights
+    from workloads.segment_codes import token_weights
     from workloads.train_loop import collate
 
     model = load_model(tiny_model_dir)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from workloads.conversations import IMAGE_PLACEHOLDER, USER, Conversation, ConversationError
-from workloads.segments import Segment
+from workloads.segment_codes import Segment
 from workloads.task_templates import normalize_sentence, sentence_spans, split_sentences
 
 TEMPLATES = ("vicuna_v1", "llama3", "qwen2", "phi", "plain", "tokenizer")

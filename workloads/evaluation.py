@@ -69,7 +69,8 @@ from workloads.metrics import (
     pope_metrics,
     vqa_accuracy,
 )
-from workloads.segments import EncodeSpec, Segment, encode_conversations
+from workloads.segment_codes import Segment
+from workloads.segments import EncodeSpec, encode_conversations
 
 NULL_IMAGES = ("noise", "blank", "none")
 CAPTION_KINDS = frozenset({"caption"})

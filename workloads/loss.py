@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workloads.segments import INSTRUCTION_SEGMENTS, RESPONSE_SEGMENTS
+from workloads.segment_codes import INSTRUCTION_SEGMENTS, RESPONSE_SEGMENTS
 
 
 @dataclass

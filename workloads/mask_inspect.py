@@ -16,7 +16,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from workloads.segments import EncodedRow, Segment, segment_weight_table
+from workloads.segment_codes import Segment, segment_weight_table
+from workloads.segments import EncodedRow
 
 # One color per segment, shared by the HTML page and the terminal.
 SEGMENT_COLORS: dict[Segment, str] = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,46 +32,12 @@ from transformers import (
     Qwen2Config,
 )
 
+from workloads.config import TINY_LANGUAGE_MODELS, TinyModelConfig
 from workloads.tokenizer_factory import IMAGE_TOKEN, train_tokenizer
 
 # CLIP's normalization constants, as in openai/clip-vit-large-patch14-336.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-LANGUAGE_MODELS = ("llama", "qwen2")
-
-
-@dataclass
-class TinyModelSpec:
-    image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_intermediate: int = 256
-    lm: str = "llama"  # "llama" | "qwen2"
-    vocab_size: int = 2000
-    tokenizer_family: str = "byte_bpe"  # see tokenizer_factory.TOKENIZER_FAMILIES
-    seed: int = 0
-
-
-def num_image_tokens(model_config) -> int:
-    """Tokens per image that the language model sees, from a loaded ``LlavaConfig``.
-
-    The CLIP tower emits one token per patch plus CLS; the "default" strategy
-    drops CLS, "full" keeps it.
-    """
-    vision = model_config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    strategy = model_config.vision_feature_select_strategy
-    if strategy == "full":
-        return patches + 1
-    if strategy == "default":
-        return patches
-    raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}")
 
 
 def _image_processor(image_size: int):
@@ -100,7 +65,7 @@ def _image_processor(image_size: int):
     )
 
 
-def _text_config(spec: TinyModelSpec, vocab_size: int, special_ids: dict[str, int]):
+def _text_config(spec: TinyModelConfig, vocab_size: int, special_ids: dict[str, int]):
     common = dict(
         vocab_size=vocab_size,
         hidden_size=spec.text_hidden,
@@ -116,11 +81,17 @@ def _text_config(spec: TinyModelSpec, vocab_size: int, special_ids: dict[str, in
         return LlamaConfig(**common)
     if spec.lm == "qwen2":
         return Qwen2Config(**common)
-    raise ValueError(f"unknown language model {spec.lm!r}; expected one of {LANGUAGE_MODELS}")
+    raise ValueError(f"unknown language model {spec.lm!r}; expected one of {TINY_LANGUAGE_MODELS}")
 
 
-def build_tiny_model(out_dir: Path, corpus: Iterable[str], spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write a randomly initialized tiny LLaVA, its tokenizer and processor to ``out_dir``; returns ``out_dir``."""
+def build_tiny_model(
+    out_dir: Path, corpus: Iterable[str], spec: TinyModelConfig | None = None, *, seed: int = 0
+) -> Path:
+    """Write a randomly initialized tiny LLaVA, its tokenizer and processor to ``out_dir``; returns ``out_dir``.
+
+    `spec` is the config's `model.tiny` section (defaults when None); `seed` seeds the weights.
+    """
+    spec = spec or TinyModelConfig()
     if spec.image_size % spec.patch_size:
         raise ValueError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
     out_dir = Path(out_dir)
@@ -153,7 +124,7 @@ def build_tiny_model(out_dir: Path, corpus: Iterable[str], spec: TinyModelSpec =
         **special_ids,
     )
 
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -175,5 +146,7 @@ def build_tiny_model(out_dir: Path, corpus: Iterable[str], spec: TinyModelSpec =
     # directory also serves AutoTokenizer alone.
     tokenizer.save_pretrained(out_dir)
     # The spec that built this directory, for the record (nothing loads it).
-    (out_dir / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    (out_dir / "tiny_model_spec.json").write_text(
+        json.dumps({**spec.model_dump(mode="json"), "seed": seed}, indent=2) + "\n"
+    )
     return out_dir

@@ -26,8 +26,9 @@ from typing import Literal
 import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from workloads.config import TOKENIZER_FAMILIES
+
 TokenizerFamily = Literal["byte_bpe", "sentencepiece_bpe"]
-TOKENIZER_FAMILIES: tuple[str, ...] = ("byte_bpe", "sentencepiece_bpe")
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"

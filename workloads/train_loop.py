@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from workloads.loss import count_trained_tokens, l2t_loss
 from workloads.model import TrainingFlops, apply_freeze_policy, load_model, load_processor, mfu, torch_dtype
-from workloads.segments import Segment, token_weights
+from workloads.segment_codes import Segment, token_weights
 
 MODEL_SUBDIR = "model"
 DEEPSPEED_SUBDIR = "deepspeed"
