@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 OUTPUT ?= l2t_quickstart
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test test-fast test-ray bench clean
+.PHONY: install quickstart lint test test-fast test-ray bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/l2t quickstart --output $(OUTPUT)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -73,13 +73,13 @@ def make_data(workdir: Path, rows: int, seed: int = 0) -> Path:
 
 def make_model(workdir: Path, data: Path) -> Path:
     """The tiny LLaVA preset with its tokenizer trained on (the first 20,000 of) these rows."""
-    from orchestrator.pipeline import _corpus
+    from orchestrator.inputs import tokenizer_corpus
     from workloads.config import TinyModelConfig
     from workloads.tiny_model import build_tiny_model
 
     out = workdir / "tiny-model"
     if not (out / "config.json").exists():
-        build_tiny_model(out, _corpus([str(data)], "vicuna_v1", limit=20_000), TinyModelConfig())
+        build_tiny_model(out, tokenizer_corpus([str(data)], "vicuna_v1", limit=20_000), TinyModelConfig())
     return out
 
 
@@ -297,7 +297,8 @@ def main(argv=None) -> dict | None:
     }
 
     print(
-        f"\nrows {args.rows:,}, {os.cpu_count()} CPUs, {'pinned' if args.pin else 'not pinned'}, Ray workers at nice {args.worker_niceness}"
+        f"\nrows {args.rows:,}, {os.cpu_count()} CPUs, {'pinned' if args.pin else 'not pinned'}, "
+        f"Ray workers at nice {args.worker_niceness}"
     )
     for cpus in runs:
         print(

@@ -15,7 +15,7 @@ Training runs in this process with the project's own per-worker loop
 (``workloads.train_loop.run_training``: DeepSpeed ZeRO-0 on CPU, gloo, one rank,
 the λ loss normalized per step, AdamW, warm-up + cosine) fed by micro-batches
 built the way the Ray Data stage builds them; evaluation is
-``workloads.evaluation.Evaluator``, the code the Ray Data actors run, in this
+``workloads.evaluator.Evaluator``, the code the Ray Data actors run, in this
 process. No Ray: on a 2-core machine a cluster would only add start-up time.
 
 Reported, as mean ± sample std over seeds, per mode: visual contribution per
@@ -77,7 +77,7 @@ def build_inputs(args, work: Path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from orchestrator.pipeline import _corpus
+    from orchestrator.inputs import tokenizer_corpus
     from workloads.config import TinyModelConfig
     from workloads.conversations import parse_record
     from workloads.model import num_image_tokens
@@ -102,7 +102,7 @@ def build_inputs(args, work: Path):
         counts, turns, top_k=args.template_top_k, min_share=args.template_min_share
     ).sentences()
 
-    corpus = list(_corpus([str(data.train_file)], "vicuna_v1"))
+    corpus = list(tokenizer_corpus([str(data.train_file)], "vicuna_v1"))
     model_dirs = {}
     for seed in range(args.seeds):
         model_dirs[seed] = build_tiny_model(work / f"init-{seed}", corpus, TinyModelConfig(), seed=seed)
@@ -127,7 +127,7 @@ def build_inputs(args, work: Path):
 def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]:
     """Per mode: trained tokens per row and the share of them that are response tokens.
 
-    The loss is Σ w·nll / N with N every trained token of the step (DESIGN.md), so at λ_I = λ_A = 1
+    The loss is Σ w·nll / N with N every trained token of the step (docs/design.md), so at λ_I = λ_A = 1
     the response tokens' share of the gradient shrinks as instruction tokens join the loss."""
     from workloads.segment_codes import RESPONSE_SEGMENTS, token_weights
 
@@ -147,13 +147,14 @@ def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]
 
 def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out: Path) -> dict:
     """One run of workloads' training loop; the exported model lands in `out`."""
-    from workloads.train_loop import MODEL_SUBDIR, TrainSpec, run_training
+    from orchestrator.config import config_from_dict
+    from workloads.train_loop import MODEL_SUBDIR, run_training
 
     steps_per_epoch = len(rows) // args.batch
 
-    def epoch_batches(epoch: int):
+    def epoch_batches(epoch: int, skip: int):
         order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-        for start in range(0, steps_per_epoch * args.batch, args.batch):
+        for start in range(skip * args.batch, steps_per_epoch * args.batch, args.batch):
             chunk = [rows[i] for i in order[start : start + args.batch]]
             yield {key: [r[key] for r in chunk] for key in chunk[0]}
 
@@ -164,26 +165,27 @@ def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out
         if checkpoint_dir and (Path(checkpoint_dir) / MODEL_SUBDIR).exists():
             shutil.copytree(Path(checkpoint_dir) / MODEL_SUBDIR, out, dirs_exist_ok=True)
 
-    spec = TrainSpec(
-        model_path=str(model_dir),
-        total_steps=args.steps,
-        steps_per_epoch=steps_per_epoch,
-        mode=mode,
-        lambda_instruction=1.0,
-        lambda_response=1.0,
-        freeze="none",
-        lr=args.lr,
-        lr_schedule="cosine",
-        warmup_ratio=0.05,
-        micro_batch_size=args.batch,
-        gradient_accumulation=1,
-        seed=seed,
-        deepspeed_config={"zero_optimization": {"stage": 0}},
-        log_every=max(1, args.steps // 10),
-        torch_threads=args.threads,
+    cfg = config_from_dict(
+        {
+            "data": {"sources": ["rows-in-memory.jsonl"]},  # the rows are handed over in memory
+            "model": {"name_or_path": str(model_dir), "freeze": "none"},
+            "masking": {"mode": mode, "lambda_instruction": 1.0, "lambda_response": 1.0},
+            "train": {
+                "max_steps": args.steps,
+                "lr": args.lr,
+                "lr_schedule": "cosine",
+                "warmup_ratio": 0.05,
+                "micro_batch_size": args.batch,
+                "gradient_accumulation": 1,
+                "num_workers": 1,
+                "seed": seed,
+                "log_every": max(1, args.steps // 10),
+                "torch_threads": args.threads or None,
+            },
+        }
     )
     started = time.perf_counter()
-    run_training(spec, epoch_batches, report)
+    run_training(cfg, epoch_batches, report, rows=len(rows), deepspeed_config={"zero_optimization": {"stage": 0}})
     train_s = time.perf_counter() - started
     last = history[-1]
     tail = [h for h in history if "loss_response" in h][-3:]
@@ -197,7 +199,9 @@ def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out
 
 
 def evaluate_one(model_dir: Path, spec, questions, image_root, args) -> tuple[dict, float]:
-    from workloads.evaluation import Evaluator, summarize, synthetic_chair_vocabularies
+    from workloads.eval_questions import synthetic_chair_vocabularies
+    from workloads.eval_summary import summarize
+    from workloads.evaluator import Evaluator
 
     started = time.perf_counter()
     evaluator = Evaluator.from_pretrained(
@@ -233,7 +237,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch threads (default 1: on a busy 2-core machine 2 threads ran the tiny model up to 30x slower; 0: torch's default)",
+        help="torch threads (default 1: on a busy 2-core machine 2 threads ran the tiny model up to 30x slower; "
+        "0: torch's default)",
     )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "science.json")
@@ -241,8 +246,8 @@ def main() -> None:
 
     import torch
 
-    from workloads.evaluation import synthetic_questions
-    from workloads.metrics import mean_std
+    from workloads.eval_questions import synthetic_questions
+    from workloads.eval_summary import mean_std
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,7 +282,8 @@ def main() -> None:
             }
             runs.append(run)
             print(
-                f"seed {seed} {mode:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  CIDEr {metrics.get('caption_cider', float('nan')):.3f}  "
+                f"seed {seed} {mode:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  "
+                f"CIDEr {metrics.get('caption_cider', float('nan')):.3f}  "
                 f"acc {metrics.get('accuracy', float('nan')):.3f}  CHAIR_i {metrics.get('chair_i', float('nan')):.3f}  "
                 f"loss_r {trained['loss_response']:.3f}  ({trained['train_s']:.0f} s train, {eval_s:.0f} s eval)",
                 flush=True,

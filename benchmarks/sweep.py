@@ -77,7 +77,7 @@ def base_config(args, storage: Path):
         overrides.append(f"sweep.max_concurrent_trials={args.max_concurrent}")
     cfg = load_config(args.config, overrides)
     if args.grid_size:
-        from orchestrator.pipeline import with_overrides
+        from orchestrator.config import with_overrides
 
         k = args.grid_size
         cfg = with_overrides(
@@ -110,9 +110,10 @@ def asha_settings(args, cfg) -> dict:
 
 
 def last_step(run_path: str) -> int:
+    from orchestrator import layout, storage
     from orchestrator.train import read_history
 
-    history = read_history(str(Path(run_path) / "metrics.jsonl"))
+    history = read_history(storage.join(run_path, layout.RUN_METRICS))
     return int(history[-1].get("step", 0)) if history else 0
 
 
@@ -127,18 +128,19 @@ def tune_iterations(sweep_path: str, trial_id: str) -> int | None:
 
 def trial_rows(cfg, result) -> list[dict]:
     """Point, status, steps run and metric of every trial of a SweepResult."""
-    storage_root = Path(cfg.storage.path)
+    from orchestrator import layout
+
     metric = cfg.sweep.metric
     out = []
     for trial in result.trials:
-        run_path = storage_root / "runs" / trial["run_name"]
+        run_path = layout.run_dir(cfg.storage.path, trial["run_name"])
         value = trial["eval"].get(metric.split("/", 1)[1] if metric.startswith("eval/") else metric)
         out.append(
             {
                 "trial_id": trial["trial_id"],
                 "point": trial["point"],
                 "status": trial["status"],
-                "steps": last_step(str(run_path)),
+                "steps": last_step(run_path),
                 "tune_reports": tune_iterations(result.path, trial["trial_id"]),
                 "metric": value,
                 "eval": trial["eval"],
@@ -264,7 +266,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from orchestrator.cluster import connect
-    from orchestrator.pipeline import prepare_inputs, with_overrides
+    from orchestrator.config import with_overrides
+    from orchestrator.experiment import prepare_inputs
     from orchestrator.sweep import sweep_points, trial_layout
     from orchestrator.tracking import tracking_uri
 
@@ -310,7 +313,8 @@ def main(argv=None) -> dict:
         }
     )
     print(
-        f"[bench] {len(points)} trials x {cfg.train.max_steps} steps, {concurrent} at a time, {cfg.train.num_workers} workers x {worker_cpus:g} CPU; "
+        f"[bench] {len(points)} trials x {cfg.train.max_steps} steps, {concurrent} at a time, "
+        f"{cfg.train.num_workers} workers x {worker_cpus:g} CPU; "
         f"prepared in {result['prepare_s']} s; storage {storage}",
         flush=True,
     )
@@ -344,7 +348,8 @@ def main(argv=None) -> dict:
                 args.output.with_name(f"{args.output.stem}_heatmap.png"),
             )
             print(
-                f"[bench] compare: best runs {result['compare']['best_runs']}; heatmap -> {result['compare']['heatmap']}",
+                f"[bench] compare: best runs {result['compare']['best_runs']}; "
+                f"heatmap -> {result['compare']['heatmap']}",
                 flush=True,
             )
         except Exception as error:  # the comparison is optional; the sweep numbers stand without it
@@ -390,9 +395,11 @@ def main(argv=None) -> dict:
             }
         )
         print(
-            f"[bench] ASHA ran {steps_run} of {full} steps: saved {result['asha_steps_saved_share']:.1%}, wall {asha['wall_s']:.0f} s vs "
-            f"{grid['wall_s']:.0f} s ({result['asha_over_grid_wall']:.2f}x); same best point: {result['asha_same_best']} "
-            f"(grid {short(grid['best_point'] or {})} = {grid['best_metric']}, ASHA {short(asha['best_point'] or {})} = {asha['best_metric']})",
+            f"[bench] ASHA ran {steps_run} of {full} steps: saved {result['asha_steps_saved_share']:.1%}, "
+            f"wall {asha['wall_s']:.0f} s vs {grid['wall_s']:.0f} s ({result['asha_over_grid_wall']:.2f}x); "
+            f"same best point: {result['asha_same_best']} "
+            f"(grid {short(grid['best_point'] or {})} = {grid['best_metric']}, "
+            f"ASHA {short(asha['best_point'] or {})} = {asha['best_metric']})",
             flush=True,
         )
 

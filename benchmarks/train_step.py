@@ -9,7 +9,7 @@ Run: ``python benchmarks/train_step.py [--steps N] [--repeats R] [--skip-ray] [-
     every step after the first two (wall clock, and this process's CPU time,
     which moves less with the machine's load). Goal: ratio <= 1.02 (the paper:
     0.331 vs 0.334 steps/s, i.e. 1.009).
-(b) Ray Train vs bare process: the same loop, the same spec and data plan, as
+(b) Ray Train vs bare process: the same loop, the same config and data plan, as
     one Ray Train worker (``run_train``: TorchTrainer, Ray Data ingest,
     reports every ``log_every`` steps) and in this process;
     ``tokens_per_s_run`` (tokens / wall time after the first step, data waits
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
-from workloads.train_loop import TrainSpec, run_training  # noqa: E402
+from workloads.train_loop import run_training  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 
@@ -90,7 +90,7 @@ def experiment(storage: Path, **train):
 
 def in_memory_rows(prepared, model_dir: str, image_root: str):
     """Every prepared row with its pixel values, read the way the Ray Data stage reads them."""
-    from orchestrator.train import LoadRows, read_prepared_rows
+    from orchestrator.ingest import LoadRows, read_prepared_rows
 
     rows = read_prepared_rows(prepared)
     load = LoadRows(model_dir, prepared.shards, image_root)
@@ -102,8 +102,8 @@ def in_memory_rows(prepared, model_dir: str, image_root: str):
 
 
 def bare_batches(plan, by_row, micro: int):
-    def epoch_batches(epoch: int):
-        order = plan.order(0, epoch)
+    def epoch_batches(epoch: int, skip: int):
+        order = plan.order(0, epoch)[skip * micro :]
         for start in range(0, len(order) - micro + 1, micro):
             chosen = [by_row[int(r)] for r in order[start : start + micro]]
             yield {k: [row[k] for row in chosen] for k in chosen[0]}
@@ -111,37 +111,49 @@ def bare_batches(plan, by_row, micro: int):
     return epoch_batches
 
 
-def bare_run(spec: TrainSpec, epoch_batches) -> list[dict]:
+def bare_run(cfg, epoch_batches, rows: int, deepspeed_config: dict) -> list[dict]:
+    """`run_training` in this process (one rank, no export); every report's metrics."""
     reports: list[dict] = []
-    run_training(spec, epoch_batches, lambda metrics, _dir: reports.append(metrics))
+    run_training(
+        cfg,
+        epoch_batches,
+        lambda metrics, _dir: reports.append(metrics),
+        rows=rows,
+        deepspeed_config=deepspeed_config,
+        export_model=False,
+    )
     return reports
 
 
 def measure_cpu(args) -> dict:
     """(a) and (b) on the tiny model."""
-    from dataclasses import replace
-
     from orchestrator.cluster import connect
-    from orchestrator.pipeline import prepare_inputs
-    from orchestrator.train import BatchPlan, run_train, train_spec
+    from orchestrator.config import with_overrides
+    from orchestrator.experiment import prepare_inputs
+    from orchestrator.train import load_deepspeed_config, run_train
+    from workloads.batching import BatchPlan
 
     storage = Path(tempfile.mkdtemp(prefix="l2t-bench-"))
     connect(num_cpus=os.cpu_count())
     cfg, model_dir, prepared = prepare_inputs(experiment(storage, max_steps=args.steps))
     rows, by_row = in_memory_rows(prepared, model_dir, cfg.data.image_root)
     threads = args.threads
-    spec = train_spec(cfg, model_dir, len(rows.lengths))
-    spec = replace(spec, export_model=False, torch_threads=threads, log_every=1)
-    plan = BatchPlan(rows.lengths, spec.micro_batch_size, spec.gradient_accumulation, 1, seed=spec.seed)
-    spec.steps_per_epoch = plan.steps_per_epoch
-    batches = bare_batches(plan, by_row, spec.micro_batch_size)
+    n_rows = len(rows.lengths)
+    deepspeed = load_deepspeed_config(cfg.train.deepspeed)
+    base = with_overrides(cfg, {"model.name_or_path": model_dir, "train.torch_threads": threads})
+    step_cfg = with_overrides(base, {"train.log_every": 1})
+    train = step_cfg.train
+    plan = BatchPlan(rows.lengths, train.micro_batch_size, train.gradient_accumulation, 1, seed=train.seed)
+    assert plan.steps_per_epoch == train.steps_per_epoch(n_rows)
+    batches = bare_batches(plan, by_row, train.micro_batch_size)
 
     # (a) l2t vs response, interleaved runs; wall and CPU time of every step after the first two.
     wall: dict[str, list[float]] = {"l2t": [], "response": []}
     cpu: dict[str, list[float]] = {"l2t": [], "response": []}
     for repeat in range(args.repeats):
         for mode in ("l2t", "response") if repeat % 2 == 0 else ("response", "l2t"):
-            steps = [m for m in bare_run(replace(spec, mode=mode), batches) if m["step"] > 2 and not m.get("final")]
+            run_cfg = with_overrides(step_cfg, {"masking.mode": mode})
+            steps = [m for m in bare_run(run_cfg, batches, n_rows, deepspeed) if m["step"] > 2 and not m.get("final")]
             wall[mode] += [m["step_time_s"] for m in steps]
             cpu[mode] += [m["step_cpu_s"] for m in steps]
     median = {k: statistics.median(v) for k, v in wall.items()}
@@ -155,13 +167,14 @@ def measure_cpu(args) -> dict:
     }
     print(
         f"(a) step time l2t {median['l2t'] * 1e3:.1f} ms vs response {median['response'] * 1e3:.1f} ms: ratio "
-        f"{out['l2t_over_response_step_time']:.3f} (CPU time {out['l2t_over_response_step_cpu_time']:.3f}); goal <= 1.02",
+        f"{out['l2t_over_response_step_time']:.3f} "
+        f"(CPU time {out['l2t_over_response_step_cpu_time']:.3f}); goal <= 1.02",
         flush=True,
     )
 
-    # (b) Ray Train (one worker) vs the bare process, same loop and spec, interleaved: bare, Ray, bare, Ray, bare.
+    # (b) Ray Train (one worker) vs the bare process, same loop and config, interleaved: bare, Ray, bare, Ray, bare.
     if not args.skip_ray:
-        bare_spec = replace(spec, log_every=cfg.train.log_every)
+        ray_cfg = with_overrides(cfg, {"train.torch_threads": threads})  # run_train sets model.name_or_path itself
         bare, ray, bare_cpu, ray_cpu = [], [], [], []
 
         def record(final: dict, wall_list: list, cpu_list: list) -> None:
@@ -169,12 +182,10 @@ def measure_cpu(args) -> dict:
             cpu_list.append(final["tokens_per_s_run"] * final["wall_s_run"] / final["cpu_s_run"])
 
         for attempt in range(args.ray_repeats):
-            record(bare_run(bare_spec, batches)[-1], bare, bare_cpu)
-            result = run_train(
-                cfg, prepared, model_dir, f"bench-ray-{attempt}", spec_overrides={"torch_threads": threads}
-            )
+            record(bare_run(base, batches, n_rows, deepspeed)[-1], bare, bare_cpu)
+            result = run_train(ray_cfg, prepared, model_dir, f"bench-ray-{attempt}")
             record(result.final_metrics, ray, ray_cpu)
-        record(bare_run(bare_spec, batches)[-1], bare, bare_cpu)
+        record(bare_run(base, batches, n_rows, deepspeed)[-1], bare, bare_cpu)
         out.update(
             {
                 "ray_over_bare_throughput": statistics.median(ray) / statistics.median(bare),
@@ -184,14 +195,15 @@ def measure_cpu(args) -> dict:
             }
         )
         print(
-            f"(b) tokens/s Ray Train {[round(x) for x in ray]} vs bare process {[round(x) for x in bare]}: ratio of medians "
-            f"{out['ray_over_bare_throughput']:.3f} (per CPU second of the training process {out['ray_over_bare_tokens_per_cpu_s']:.3f}); goal >= 0.9",
+            f"(b) tokens/s Ray Train {[round(x) for x in ray]} vs bare process {[round(x) for x in bare]}: "
+            f"ratio of medians {out['ray_over_bare_throughput']:.3f} "
+            f"(per CPU second of the training process {out['ray_over_bare_tokens_per_cpu_s']:.3f}); goal >= 0.9",
             flush=True,
         )
     out.update(
         {
             "cpu_steps": args.steps,
-            "micro_batch_size": spec.micro_batch_size,
+            "micro_batch_size": train.micro_batch_size,
             "torch_threads": threads,
             "model": "tiny preset (CLIP 2x64, Llama 2x128)",
         }
@@ -272,35 +284,43 @@ def measure_gpu(args, shape: str = "tinyllava-0.5b", use_gpu: bool = True) -> di
     import torch
     from transformers import AutoConfig
 
+    from orchestrator.config import config_from_dict
     from orchestrator.train import load_deepspeed_config
 
     with tempfile.TemporaryDirectory(prefix="l2t-gpu-model-") as tmp:
         model_dir = write_gpu_model(Path(tmp), shape)
         config = AutoConfig.from_pretrained(model_dir)
         rows = synthetic_gpu_rows(config, args.gpu_micro_batch * (args.gpu_steps + 1), args.gpu_text_tokens)
-        spec = TrainSpec(
-            model_path=model_dir,
-            total_steps=args.gpu_steps,
-            steps_per_epoch=args.gpu_steps,
-            mode="l2t",
-            freeze="vision_tower",
-            lr=1e-5,
-            micro_batch_size=args.gpu_micro_batch,
-            use_gpu=use_gpu,
-            dtype="bfloat16" if use_gpu else "float32",
-            gradient_checkpointing=args.gpu_checkpointing,
-            deepspeed_config=load_deepspeed_config("configs/deepspeed/zero2.json"),
-            export_model=False,
-            log_every=1,
+        cfg = config_from_dict(
+            {
+                "data": {"sources": ["rows-in-memory.jsonl"]},  # the rows are handed over in memory
+                "model": {
+                    "name_or_path": model_dir,
+                    "freeze": "vision_tower",
+                    "dtype": "bfloat16" if use_gpu else "float32",
+                    "gradient_checkpointing": args.gpu_checkpointing,
+                },
+                "masking": {"mode": "l2t"},
+                "train": {
+                    "max_steps": args.gpu_steps,
+                    "lr": 1e-5,
+                    "micro_batch_size": args.gpu_micro_batch,
+                    "gradient_accumulation": 1,
+                    "num_workers": 1,
+                    "use_gpu": use_gpu,
+                    "log_every": 1,
+                },
+            }
         )
         micro = args.gpu_micro_batch
 
-        def batches(epoch: int):
-            for start in range(0, len(rows) - micro + 1, micro):
+        def batches(epoch: int, skip: int):
+            starts = list(range(0, len(rows) - micro + 1, micro))
+            for start in starts[skip:]:
                 chunk = rows[start : start + micro]
                 yield {k: [r[k] for r in chunk] for k in chunk[0]}
 
-        reports = bare_run(spec, batches)
+        reports = bare_run(cfg, batches, len(rows), load_deepspeed_config("configs/deepspeed/zero2.json"))
     steady = [m for m in reports if m["step"] > min(3, args.gpu_steps - 1) and not m.get("final")] or reports[-1:]
     name = torch.cuda.get_device_name() if use_gpu else "cpu"
     out = {
@@ -313,7 +333,8 @@ def measure_gpu(args, shape: str = "tinyllava-0.5b", use_gpu: bool = True) -> di
         "gpu_shape": shape,
     }
     print(
-        f"(c) {name}: {out['gpu_tokens_per_s']:.0f} tokens/s, MFU {out['gpu_mfu']:.1%} ({shape}, ZeRO-2 bf16, micro-batch {micro}, ~{out['gpu_sequence_length']} tokens/row; goal >= 40%)",
+        f"(c) {name}: {out['gpu_tokens_per_s']:.0f} tokens/s, MFU {out['gpu_mfu']:.1%} "
+        f"({shape}, ZeRO-2 bf16, micro-batch {micro}, ~{out['gpu_sequence_length']} tokens/row; goal >= 40%)",
         flush=True,
     )
     return out

@@ -3,7 +3,7 @@
 Resource requests are logical, so l2t derives them from the cluster instead
 of hard-coding them: on a 2-core laptop two CPU workers at 1 CPU each would
 leave nothing for Ray Data and the worker group would never start (see
-DESIGN.md, "Ray, as of 2.60").
+docs/design.md, "Ray on small machines").
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ The questions (a suite: the synthetic held-out scenes, or a LLaVA-style
 question file such as VQAv2, GQA, TextVQA, POPE or COCO captions) become a
 Ray Data set of `{index, question}` rows; `map_batches` sends them through a
 pool of `EvalActor`s, each of which loads the model, tokenizer and image
-processor once and runs `workloads.evaluation.Evaluator` on its batches
+processor once and runs `workloads.evaluator.Evaluator` on its batches
 (generation, teacher-forced log-likelihoods with the real image and with
 V=∅, scores). The driver collects the rows, sorts them by question order and
 writes them to `samples.jsonl` and `samples.parquet` (one file each, in the
 suite's order, so two runs can be compared with `diff` or a Parquet join),
-then aggregates them with `workloads.evaluation.summarize` into
+then aggregates them with `workloads.eval_summary.summarize` into
 `metrics.json`.
 
 Every entry point runs this same code: `l2t eval` (`run_eval`), the
@@ -23,19 +23,23 @@ threads as the CPUs it holds, at least one.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import typer
 
 from orchestrator import storage
+from orchestrator.config import EvalConfig, ExperimentConfig
+from orchestrator.console import log
+from orchestrator.images import open_image
 
 SAMPLES_JSONL = "samples.jsonl"
 SAMPLES_PARQUET = "samples.parquet"
@@ -67,25 +71,6 @@ SAMPLE_SCHEMA = pa.schema(
 
 
 @dataclass
-class EvalOptions:
-    """How questions are answered and scored, and how the actor pool is sized."""
-
-    null_image: str = "noise"
-    max_new_tokens: int = 32
-    num_beams: int = 1
-    batch_size: int = 32
-    seed: int = 0
-    use_gpu: bool = False
-    concurrency: int | None = None
-    """Actors; default: one per GPU, or one per 4 CPUs (at least 1) on CPU."""
-    cpus_per_actor: float | None = None
-    """Logical CPUs per actor; default 0.5 on CPU, 1 beside a GPU."""
-    torch_threads: int | None = None
-    """torch threads per CPU actor; default: its logical CPUs, at least 1. More threads than the actor
-    holds backfire on a busy machine: 2 threads on 2 loaded cores ran the tiny model 30x slower than 1."""
-
-
-@dataclass
 class SuiteResult:
     suite: str
     metrics: dict[str, float]
@@ -98,21 +83,6 @@ class SuiteResult:
 # ---------------------------------------------------------------- Ray Data stage
 
 
-def _opener(image_root: str | None):
-    """Open images under a local folder or an s3:// prefix (what the training data loader accepts)."""
-    from PIL import Image
-
-    def open_image(path: str):
-        if storage.is_s3(image_root or "") or storage.is_s3(path):
-            fs, inner = storage.filesystem(path if storage.is_s3(path) else storage.join(image_root, path))
-            with fs.open_input_file(inner) as handle:
-                return Image.open(handle).convert("RGB")
-        with Image.open(Path(image_root or ".", path)) as image:
-            return image.convert("RGB")
-
-    return open_image
-
-
 class EvalActor:
     """Ray Data actor: loads the model once, answers and scores each batch of questions."""
 
@@ -122,10 +92,10 @@ class EvalActor:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
 
-        from workloads.evaluation import Evaluator
+        from workloads.evaluator import Evaluator
         from workloads.segments import EncodeSpec
 
-        opts = EvalOptions(**options)
+        opts = EvalConfig.model_validate(options)
         if opts.torch_threads and not opts.use_gpu:
             torch.set_num_threads(opts.torch_threads)
         device = "cuda" if opts.use_gpu else "cpu"
@@ -133,7 +103,7 @@ class EvalActor:
             model_dir,
             EncodeSpec(**spec_kwargs),
             device=device,
-            open_image=_opener(image_root),
+            open_image=functools.partial(open_image, image_root),  # the training data loader's opener
             null_image=opts.null_image,
             max_new_tokens=opts.max_new_tokens,
             num_beams=opts.num_beams,
@@ -147,7 +117,7 @@ class EvalActor:
         return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
 
-def _pool(options: EvalOptions, batches: int) -> tuple[int, float, dict[str, Any]]:
+def _pool(options: EvalConfig, batches: int) -> tuple[int, float, dict[str, Any]]:
     """(actors, CPUs per actor, extra map_batches arguments) for this cluster."""
     import ray
 
@@ -169,7 +139,7 @@ def batch_inference(
     questions: list[dict],
     spec_kwargs: dict[str, Any],
     image_root: str | None,
-    options: EvalOptions,
+    options: EvalConfig,
 ) -> list[dict]:
     """Per-sample rows (SAMPLE_SCHEMA), in question order, from a pool of EvalActors on Ray Data."""
     import ray
@@ -179,7 +149,7 @@ def batch_inference(
     batches = math.ceil(len(questions) / options.batch_size)
     actors, cpus_per_actor, extra = _pool(options, batches)
     if not options.use_gpu and options.torch_threads is None:
-        options = EvalOptions(**{**asdict(options), "torch_threads": max(1, round(cpus_per_actor))})
+        options = options.model_copy(update={"torch_threads": max(1, round(cpus_per_actor))})
     items = [{"index": i, "question": json.dumps(q, ensure_ascii=False)} for i, q in enumerate(questions)]
     dataset = ray.data.from_items(items, override_num_blocks=min(batches, 256))
     results = dataset.map_batches(
@@ -188,7 +158,7 @@ def batch_inference(
             "model_dir": str(model_dir),
             "spec_kwargs": spec_kwargs,
             "image_root": image_root,
-            "options": asdict(options),
+            "options": options.model_dump(),
         },
         batch_size=options.batch_size,
         batch_format="numpy",
@@ -237,7 +207,7 @@ def evaluate_questions(
     questions: list[dict],
     spec_kwargs: dict[str, Any],
     image_root: str | None,
-    options: EvalOptions,
+    options: EvalConfig,
     out_dir: str,
     *,
     suite: str = "questions",
@@ -246,7 +216,7 @@ def evaluate_questions(
 ) -> SuiteResult:
     """Batch inference, per-sample files and metrics for normalized questions; the one code path
     behind `l2t eval`, `l2t train` and sweep trials."""
-    from workloads.evaluation import summarize
+    from workloads.eval_summary import summarize
 
     started = time.perf_counter()
     rows = batch_inference(model_dir, questions, spec_kwargs, image_root, options)
@@ -258,7 +228,7 @@ def evaluate_questions(
         "model_dir": str(model_dir),
         "questions": len(questions),
         "spec": {**spec_kwargs, "task_templates": list(spec_kwargs.get("task_templates", ()))},
-        "options": asdict(options),
+        "options": options.model_dump(exclude={"max_rows"}),  # the questions asked are counted above
         "wall_s": round(time.perf_counter() - started, 2),
         "metrics": metrics,
         **(extra or {}),
@@ -272,7 +242,7 @@ def evaluate_questions(
 
 def load_question_file(path: str, *, limit: int | None = None, default_kind: str | None = None) -> list[dict]:
     """Normalized questions of a LLaVA-style JSONL (or JSON list) file, local or s3://."""
-    from workloads.evaluation import parse_question_lines
+    from workloads.eval_questions import parse_question_lines
 
     text = storage.read_text(path)
     if path.endswith(".json"):
@@ -304,15 +274,15 @@ def encode_spec_kwargs(
         from orchestrator.prepare import PreparedData
 
         data = PreparedData.load(prepared)
-        manifest = data.manifest
-        if manifest.get("num_image_tokens") not in (None, image_tokens):
+        spec = data.encode_spec()
+        if spec.num_image_tokens != image_tokens:
             raise ValueError(
-                f"{prepared} was prepared with {manifest['num_image_tokens']} image tokens, the model uses {image_tokens}"
+                f"{prepared} was prepared with {spec.num_image_tokens} image tokens, the model uses {image_tokens}"
             )
-        if task_templates is None and storage.exists(data.task_templates_file):
-            task_templates = TaskTemplateList.from_dict(
-                json.loads(storage.read_text(data.task_templates_file))
-            ).sentences()
+        manifest = {"chat_template": spec.template, "max_length": spec.max_length}
+        system_prompt = system_prompt if system_prompt is not None else spec.system_prompt
+        if task_templates is None:
+            task_templates = spec.task_templates
     if config is not None:
         chat_template = chat_template or manifest.get("chat_template") or config.data.chat_template
         system_prompt = system_prompt if system_prompt is not None else config.data.system_prompt
@@ -356,7 +326,7 @@ class SyntheticSuite:
 
 
 def suite_name(suite: str) -> str:
-    from workloads.evaluation import SYNTHETIC_SUITE
+    from workloads.eval_questions import SYNTHETIC_SUITE
 
     if suite == SYNTHETIC_SUITE:
         return suite
@@ -373,7 +343,7 @@ def load_suite(
     synthetic: SyntheticSuite | None = None,
 ) -> tuple[list[dict], str | None, dict[str, list[str]] | None]:
     """(normalized questions, image root, CHAIR vocabularies) of `synthetic` or a question file."""
-    from workloads.evaluation import SYNTHETIC_SUITE, synthetic_chair_vocabularies, synthetic_questions
+    from workloads.eval_questions import SYNTHETIC_SUITE, synthetic_chair_vocabularies, synthetic_questions
 
     if suite == SYNTHETIC_SUITE:
         s = synthetic or SyntheticSuite()
@@ -403,7 +373,7 @@ def run_eval(
     suites: list[str] | str,
     output: str,
     *,
-    options: EvalOptions | None = None,
+    options: EvalConfig | None = None,
     image_root: str | None = None,
     max_rows: int | None = None,
     kind: str | None = None,
@@ -416,10 +386,9 @@ def run_eval(
 ) -> dict[str, SuiteResult]:
     """`l2t eval`: every suite evaluated into `output/<suite name>/`; `output/metrics.json` holds all of them."""
     from orchestrator.cluster import connect
-    from orchestrator.pipeline import log  # not at the top: pipeline imports this module
 
     connect()
-    options = options or EvalOptions()
+    options = options or standalone_options()
     suites = [suites] if isinstance(suites, str) else list(suites)
     spec_kwargs = encode_spec_kwargs(
         model_dir,
@@ -441,7 +410,8 @@ def run_eval(
             suite, out_dir, image_root=image_root, limit=max_rows, default_kind=kind, synthetic=synthetic
         )
         log(
-            f"[eval] {name}: {len(questions)} questions, chat template {spec_kwargs['template']}, {options.null_image} V=∅ -> {out_dir}"
+            f"[eval] {name}: {len(questions)} questions, chat template {spec_kwargs['template']}, "
+            f"{options.null_image} V=∅ -> {out_dir}"
         )
         results[name] = evaluate_questions(
             model_dir,
@@ -465,41 +435,29 @@ def run_eval(
     return results
 
 
-def options_from_config(cfg) -> EvalOptions:
-    """EvalOptions from an experiment's `eval` section (fields it lacks keep their defaults)."""
-    e = cfg.eval
-    return EvalOptions(
-        null_image=e.null_image,
-        max_new_tokens=e.max_new_tokens,
-        num_beams=getattr(e, "num_beams", 1),
-        batch_size=e.batch_size,
-        seed=e.seed,
-        use_gpu=getattr(e, "use_gpu", None) if getattr(e, "use_gpu", None) is not None else cfg.train.use_gpu,
-        concurrency=getattr(e, "concurrency", None),
-        cpus_per_actor=getattr(e, "cpus_per_actor", None),
-    )
+def options_from_config(cfg: ExperimentConfig) -> EvalConfig:
+    """The experiment's `eval` section, with `use_gpu` unset meaning as `train.use_gpu`."""
+    use_gpu = cfg.train.use_gpu if cfg.eval.use_gpu is None else cfg.eval.use_gpu
+    return cfg.eval.model_copy(update={"use_gpu": use_gpu})
 
 
-def evaluate_model(cfg, model_dir: str, prepared, out_file: str) -> dict[str, float]:
-    """Held-out evaluation of an exported model on `data.eval_file` (drop-in for
-    pipeline.evaluate_model): per-sample rows go to `out_file` (JSONL), with a Parquet copy and the
+def standalone_options() -> EvalConfig:
+    """The eval settings of `l2t eval` without a config: the `eval` defaults, but answers to real suites
+    (captions, phrases) get 32 new tokens, not the 8 of the held-out eval after training, on CPU unless asked."""
+    return EvalConfig(max_new_tokens=32, use_gpu=False)
+
+
+def evaluate_model(cfg: ExperimentConfig, model_dir: str, prepared, out_file: str) -> dict[str, float]:
+    """Held-out evaluation of an exported model on `data.eval_file` (what `l2t train` and each sweep
+    trial run after training): per-sample rows go to `out_file` (JSONL), with a Parquet copy and the
     metrics beside it (`<stem>.parquet`, `<stem>.metrics.json`)."""
     if not cfg.data.eval_file:
         return {}
-    from workloads.task_templates import TaskTemplateList
-
-    templates = TaskTemplateList.from_dict(json.loads(storage.read_text(prepared.task_templates_file))).sentences()
-    spec_kwargs = {
-        "template": cfg.data.chat_template,
-        "num_image_tokens": prepared.manifest["num_image_tokens"],
-        "max_length": cfg.data.max_length,
-        "task_templates": tuple(templates),
-        "system_prompt": cfg.data.system_prompt,
-    }
+    spec_kwargs = dataclasses.asdict(prepared.encode_spec())  # exactly how the training rows were encoded
     questions = load_question_file(cfg.data.eval_file, limit=cfg.eval.max_rows)
     options = options_from_config(cfg)
     rows = batch_inference(model_dir, questions, spec_kwargs, cfg.data.image_root, options)
-    from workloads.evaluation import summarize
+    from workloads.eval_summary import summarize
 
     metrics = summarize(rows)
     stem = out_file[: -len(".jsonl")] if out_file.endswith(".jsonl") else out_file
@@ -510,7 +468,7 @@ def evaluate_model(cfg, model_dir: str, prepared, out_file: str) -> dict[str, fl
             {
                 "model_dir": str(model_dir),
                 "eval_file": cfg.data.eval_file,
-                "options": asdict(options),
+                "options": options.model_dump(),
                 "metrics": metrics,
             },
             indent=2,
@@ -518,151 +476,3 @@ def evaluate_model(cfg, model_dir: str, prepared, out_file: str) -> dict[str, fl
         ),
     )
     return metrics
-
-
-# ---------------------------------------------------------------- the `l2t eval` command
-
-
-def resolve_options(cfg=None, **flags) -> EvalOptions:
-    """EvalOptions: each flag that is not None, else the config's `eval` section, else the defaults."""
-    base = options_from_config(cfg) if cfg is not None else EvalOptions()
-    return EvalOptions(**{**asdict(base), **{k: v for k, v in flags.items() if v is not None}})
-
-
-def metrics_table(results: dict[str, SuiteResult]):
-    """The headline metrics of each suite side by side (a rich Table)."""
-    from rich.table import Table
-
-    shown = (
-        ("questions", "eval_samples", "{:.0f}"),
-        ("accuracy", "accuracy", "{:.1%}"),
-        ("exact match", "exact_match", "{:.1%}"),
-        ("VC / token", "vc_mean", "{:+.3f}"),
-        ("VC / sample", "vc_sum", "{:+.3f}"),
-        ("VC > 0", "vc_positive_share", "{:.1%}"),
-        ("POPE F1", "pope_f1", "{:.3f}"),
-        ("POPE yes ratio", "pope_yes_ratio", "{:.1%}"),
-        ("caption CIDEr-D", "caption_cider", "{:.3f}"),
-        ("caption BLEU-4", "caption_bleu4", "{:.3f}"),
-        ("CHAIR_i", "chair_i", "{:.1%}"),
-        ("CHAIR_s", "chair_s", "{:.1%}"),
-    )
-    table = Table(title="evaluation")
-    table.add_column("metric")
-    for name in results:
-        table.add_column(name, justify="right")
-    kinds = sorted({k for r in results.values() for k in r.metrics if k.startswith("accuracy_")})
-    rows = list(shown) + [(f"  {k}", k, "{:.1%}") for k in kinds]
-    for label, key, fmt in rows:
-        values = [r.metrics.get(key) for r in results.values()]
-        if any(v is not None for v in values):
-            table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))
-    return table
-
-
-def eval_command(
-    model_dir: Annotated[
-        str,
-        typer.Argument(help='An exported model folder (l2t train writes <storage>/models/<run>/model) or a hub id.'),
-    ],
-    suite: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            '--suite',
-            help='`synthetic` (held-out synthetic scenes) or a LLaVA-style question file (JSONL/JSON, local or s3://: question_id, image, text, answer/answers/label, choices). Repeatable.',
-        ),
-    ] = None,
-    output: Annotated[
-        Path, typer.Option(help='Folder for <suite>/samples.jsonl, samples.parquet, metrics.json.')
-    ] = Path("l2t_eval"),
-    config: Annotated[
-        Optional[Path],
-        typer.Option(
-            '--config',
-            help='Experiment config: chat template, system prompt, max length, eval settings, and the synthetic suite (data.synthetic).',
-        ),
-    ] = None,
-    prepared: Annotated[
-        Optional[str],
-        typer.Option(help='Prepared-data folder of the training run: chat template, max length, task templates.'),
-    ] = None,
-    chat_template: Annotated[
-        Optional[str],
-        typer.Option(
-            help='Chat template the model was trained with (vicuna_v1, llama3, qwen2, phi, plain, tokenizer).'
-        ),
-    ] = None,
-    image_root: Annotated[
-        Optional[str],
-        typer.Option(
-            help='Folder (or s3:// prefix) that image paths in question files are relative to; default: the folder of the question file.'
-        ),
-    ] = None,
-    max_rows: Annotated[Optional[int], typer.Option(help='Evaluate at most this many questions per suite.')] = None,
-    kind: Annotated[
-        Optional[str], typer.Option(help='Question kind for rows without one (e.g. pope, caption, vqa).')
-    ] = None,
-    null_image: Annotated[
-        Optional[str], typer.Option(help='V=∅ for visual contribution: noise, blank or none.')
-    ] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help='Generation budget per answer.')] = None,
-    num_beams: Annotated[Optional[int], typer.Option(help='Beam search width (1: greedy).')] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help='Questions per actor batch.')] = None,
-    concurrency: Annotated[
-        Optional[int], typer.Option(help='Model actors (default: one per GPU, or one per 4 CPUs).')
-    ] = None,
-    gpu: Annotated[Optional[bool], typer.Option('--gpu/--cpu', help='One GPU per actor.')] = None,
-    seed: Annotated[Optional[int], typer.Option(help='Seed of the noise images.')] = None,
-    synthetic_rows: Annotated[
-        Optional[int],
-        typer.Option(help='Questions in the synthetic suite (default: data.synthetic.eval_rows, else 200).'),
-    ] = None,
-    overrides: Annotated[
-        Optional[list[str]],
-        typer.Argument(help='Dotted overrides of --config, e.g. eval.null_image=blank', show_default=False),
-    ] = None,
-) -> None:
-    """Evaluate a trained model: batch inference on Ray Data, accuracy, VC, POPE, CIDEr/BLEU-4, CHAIR."""
-    import typer
-    from rich.console import Console
-
-    from orchestrator.config import ConfigError, load_config
-    from workloads.evaluation import QuestionError
-
-    console, err = Console(), Console(stderr=True)
-    try:
-        cfg = load_config(config, overrides or []) if config else None
-        if overrides and cfg is None:
-            raise ConfigError("dotted overrides need --config")
-        options = resolve_options(
-            cfg,
-            null_image=null_image,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            use_gpu=gpu,
-            seed=seed,
-        )
-        if options.null_image not in ("noise", "blank", "none"):
-            raise ConfigError(f"--null-image must be noise, blank or none, got {options.null_image!r}")
-        synthetic = SyntheticSuite.from_config(cfg, synthetic_rows)
-        results = run_eval(
-            model_dir,
-            suite or ["synthetic"],
-            str(output),
-            options=options,
-            image_root=image_root,
-            max_rows=max_rows,
-            kind=kind,
-            prepared=prepared,
-            config=cfg,
-            chat_template=chat_template,
-            synthetic=synthetic,
-        )
-    except (ConfigError, QuestionError, FileNotFoundError, ValueError) as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2)
-    console.print(metrics_table(results))
-    for name, result in results.items():
-        console.print(f"{name}: {result.samples_jsonl}  {result.samples_parquet}")

@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.config import CONFIG_DIR, ExperimentConfig, load_config
-from orchestrator.pipeline import ExperimentResult, prepare_inputs, run_experiment, with_overrides
+from orchestrator.config import CONFIG_DIR, ExperimentConfig, load_config, with_overrides
+from orchestrator.experiment import ExperimentResult, prepare_inputs, run_experiment
 
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
 RUNS = (("vit", {"masking.mode": "response"}), ("l2t", {"masking.mode": "l2t"}))
@@ -37,9 +37,8 @@ def comparison_table(results: list[ExperimentResult], title: str = "VIT vs L2T")
     table = Table(title=title)
     table.add_column("metric")
     for result in results:
-        table.add_column(
-            f"{result.config.masking.mode} (λI={result.config.masking.lambda_instruction:g}, λA={result.config.masking.lambda_response:g})"
-        )
+        m = result.config.masking
+        table.add_column(f"{m.mode} (λI={m.lambda_instruction:g}, λA={m.lambda_response:g})")
     for label, getter, fmt in COMPARED:
         values = [getter(r) for r in results]
         table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))

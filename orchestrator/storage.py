@@ -119,15 +119,17 @@ def file_fingerprint(uri: str) -> str:
 
 
 _SECRET_KEYS = re.compile(r"(secret|token|password|passwd|access_key|api_key|credential|session_key)", re.I)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+"""`user:password@` (or a token) in a URL."""
 
 
 def redact(value):
-    """A copy with credentials removed: secret-looking keys and user:password@ in URLs."""
+    """A copy with credentials removed: secret-looking keys of dicts (nested in lists too) and
+    user:password@ in URLs, in a single string or anywhere inside."""
     if isinstance(value, dict):
         return {k: ("***" if _SECRET_KEYS.search(str(k)) else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return _URL_USERINFO.sub("***@", value)
+        return URL_USERINFO.sub("***@", value)
     return value

@@ -40,17 +40,16 @@ import os
 import re
 import secrets
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
-import typer
-
-from orchestrator.config import REPO_ROOT, ConfigError, load_config
+from orchestrator import storage
+from orchestrator.config import REPO_ROOT, ExperimentConfig, load_config
+from orchestrator.tracking import git_commit
 
 # Set here and present on the cluster's side too: the S3 endpoint and region (never keys).
 FORWARDED_ENV = (
@@ -61,20 +60,7 @@ FORWARDED_ENV = (
     "MLFLOW_S3_ENDPOINT_URL",
 )
 # Names that must not be sent with a job: the job's runtime_env is stored by the cluster and shown on the dashboard.
-SECRET_WORDS = {
-    "secret",
-    "token",
-    "password",
-    "passwd",
-    "pwd",
-    "credential",
-    "credentials",
-    "session",
-    "key",
-    "apikey",
-    "private",
-}
-URL_USERINFO = re.compile(r"://[^/@\s]+@")
+SECRET_WORDS = set("secret token password passwd pwd credential credentials session key apikey private".split())
 # Left out of the uploaded working directory (on top of .gitignore, which Ray honours).
 EXCLUDES = [
     ".git/",
@@ -166,7 +152,7 @@ def job_env(extra: dict[str, str] | None = None, environ: dict[str, str] | None 
                 "by the cluster and shown on its dashboard); set it on the cluster instead: an instance profile or "
                 "service account for AWS, the cluster's environment or a Kubernetes Secret for the rest"
             )
-        if URL_USERINFO.search(value):
+        if storage.URL_USERINFO.search(value):
             raise SubmitError(f"--env {name}: the value holds user:password@; give credentials to the cluster instead")
         env[name] = value
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -180,12 +166,88 @@ def _inside(path: Path, root: Path) -> Path | None:
         return None
 
 
-def _git_commit(cwd: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse overrides that carry credentials (they would be stored with the job)."""
+    for item in overrides:
+        if storage.URL_USERINFO.search(item):
+            raise SubmitError(f"override {item.split('=')[0]}: holds user:password@; jobs carry no credentials")
+
+
+def storage_warnings(cfg: ExperimentConfig) -> list[str]:
+    """Refuse a relative storage.path (lost with the job's working directory); warn about settings that
+    only work on one machine or keep the runs out of sight from here."""
+    warnings: list[str] = []
+    store = cfg.storage.path
+    if not store.startswith("s3://"):
+        if not os.path.isabs(os.path.expanduser(store)):
+            raise SubmitError(
+                f"storage.path {store!r} is relative: on the cluster it would land in the job's temporary working "
+                "directory and be lost. Give s3://BUCKET/PREFIX, or an absolute path on storage every node shares "
+                "(e.g. storage.path=s3://my-bucket/l2t)"
+            )
+        warnings.append(f"storage.path {store} is local to each node: fine for a one-machine cluster, not for several")
+    if cfg.data.synthetic is not None and store.startswith("s3://"):
+        warnings.append(
+            "data.synthetic is generated on local disk: with an s3:// storage.path, generate it once, "
+            "upload it and set data.sources"
+        )
+    if not cfg.tracking.uri:
+        warnings.append(
+            "tracking.uri is unset: MLflow runs go to a SQLite file under storage.path on the cluster; "
+            "set tracking.uri=http://MLFLOW:5000 to see them from here"
+        )
+    return warnings
+
+
+def image_code(config: Path, image: str, pip: list[str] | None, warnings: list[str]) -> tuple[str, str, dict]:
+    """(runner, config argument, runtime_env entries) for code installed in a container image."""
+    if pip:
+        raise SubmitError(
+            "--pip can't be combined with --image (Ray runs an image_uri job as is): install the packages in the image"
+        )
+    if Path(config).is_absolute():
+        warnings.append(f"{config} is an absolute path: with --image it must exist inside the image")
+    return "l2t", str(config), {"image_uri": image}
+
+
+def uploaded_code(config: Path, working_dir: Path | None, pip: list[str] | None) -> tuple[str, str, dict]:
+    """(runner, config argument, runtime_env entries) for the working directory uploaded with the job."""
+    if working_dir is None:
+        raise SubmitError("give --working-dir (the repository) or --image")
+    wd = Path(working_dir).expanduser().resolve()
+    if not wd.is_dir():
+        raise SubmitError(f"--working-dir {working_dir}: not a folder")
+    relative = _inside(Path(config), wd)
+    if relative is None:
+        raise SubmitError(
+            f"{config} is outside the working directory {wd}, so the job would not have it: "
+            "keep the config in the repository (e.g. configs/) or pass --working-dir"
+        )
+    # The uploaded copy of the code runs when it is there; else the cluster's installed `l2t`.
+    uploaded = (wd / "orchestrator" / "cli" / "__init__.py").is_file()
+    entries: dict[str, Any] = {"working_dir": str(wd), "excludes": list(EXCLUDES)}
+    if pip:
+        entries["pip"] = {"packages": list(pip), "pip_check": False}
+    return ("python -m orchestrator.cli" if uploaded else "l2t"), relative.as_posix(), entries
+
+
+def job_metadata(
+    cfg: ExperimentConfig, command: str, config_arg: str, overrides: list[str], code_dir: Path
+) -> dict[str, str]:
+    """What the job is: command, config, name, overrides, experiment, git commit (and the sweep's name)."""
+    metadata = {
+        "l2t.command": command,
+        "l2t.config": config_arg,
+        "l2t.name": cfg.name,
+        "l2t.overrides": " ".join(overrides),
+        "l2t.experiment": cfg.tracking.experiment,
+        "l2t.git_commit": git_commit(code_dir),
+    }
+    if command == "sweep":
+        from orchestrator.sweep import sweep_name
+
+        metadata["l2t.sweep"] = sweep_name(cfg)
+    return metadata
 
 
 def plan_submission(
@@ -207,85 +269,27 @@ def plan_submission(
     """Check the config locally and decide the job's entrypoint, runtime_env, id and metadata."""
     overrides = list(overrides or [])
     command = "sweep" if sweep else "train"
-    for item in overrides:
-        if URL_USERINFO.search(item):
-            raise SubmitError(f"override {item.split('=')[0]}: holds user:password@; jobs carry no credentials")
+    check_overrides(overrides)
     cfg = load_config(config, overrides)  # ConfigError names the bad key
     if sweep:
         from orchestrator.sweep import sweep_points
 
         sweep_points(cfg)  # ConfigError when there is nothing to sweep or a point is invalid
-
-    warnings: list[str] = []
-    store = cfg.storage.path
-    if not store.startswith("s3://"):
-        if not os.path.isabs(os.path.expanduser(store)):
-            raise SubmitError(
-                f"storage.path {store!r} is relative: on the cluster it would land in the job's temporary working "
-                "directory and be lost. Give s3://BUCKET/PREFIX, or an absolute path on storage every node shares "
-                "(e.g. storage.path=s3://my-bucket/l2t)"
-            )
-        warnings.append(f"storage.path {store} is local to each node: fine for a one-machine cluster, not for several")
-    if cfg.data.synthetic is not None and store.startswith("s3://"):
-        warnings.append(
-            "data.synthetic is generated on local disk: with an s3:// storage.path, generate it once, upload it and set data.sources"
-        )
-    if not cfg.tracking.uri:
-        warnings.append(
-            "tracking.uri is unset: MLflow runs go to a SQLite file under storage.path on the cluster; "
-            "set tracking.uri=http://MLFLOW:5000 to see them from here"
-        )
-
+    warnings = storage_warnings(cfg)
     runtime_env: dict[str, Any] = {"env_vars": job_env(env, environ)}
     if image:
-        if pip:
-            raise SubmitError(
-                "--pip can't be combined with --image (Ray runs an image_uri job as is): install the packages in the image"
-            )
-        runner = "l2t"
-        config_arg = str(config)
-        runtime_env["image_uri"] = image
-        if Path(config).is_absolute():
-            warnings.append(f"{config} is an absolute path: with --image it must exist inside the image")
+        runner, config_arg, code = image_code(config, image, pip, warnings)
     else:
-        if working_dir is None:
-            raise SubmitError("give --working-dir (the repository) or --image")
-        wd = Path(working_dir).expanduser().resolve()
-        if not wd.is_dir():
-            raise SubmitError(f"--working-dir {working_dir}: not a folder")
-        relative = _inside(Path(config), wd)
-        if relative is None:
-            raise SubmitError(
-                f"{config} is outside the working directory {wd}, so the job would not have it: "
-                "keep the config in the repository (e.g. configs/) or pass --working-dir"
-            )
-        config_arg = relative.as_posix()
-        # The uploaded copy of the code runs when it is there; else the cluster's installed `l2t`.
-        runner = "python -m orchestrator.cli" if (wd / "orchestrator" / "cli.py").is_file() else "l2t"
-        runtime_env["working_dir"] = str(wd)
-        runtime_env["excludes"] = list(EXCLUDES)
-        if pip:
-            runtime_env["pip"] = {"packages": list(pip), "pip_check": False}
-
+        runner, config_arg, code = uploaded_code(config, working_dir, pip)
+    runtime_env.update(code)
     entrypoint = " ".join([runner, command, shlex.quote(config_arg), *(shlex.quote(o) for o in overrides)])
-    metadata = {
-        "l2t.command": command,
-        "l2t.config": config_arg,
-        "l2t.name": cfg.name,
-        "l2t.overrides": " ".join(overrides),
-        "l2t.experiment": cfg.tracking.experiment,
-        "l2t.git_commit": _git_commit(Path(working_dir) if working_dir and not image else REPO_ROOT),
-    }
-    if sweep:
-        from orchestrator.sweep import sweep_name
-
-        metadata["l2t.sweep"] = sweep_name(cfg)
+    code_dir = Path(working_dir) if working_dir and not image else REPO_ROOT
     return Submission(
         command=command,
         entrypoint=entrypoint,
         submission_id=submission_id or submission_id_for(command, cfg.name),
         runtime_env=runtime_env,
-        metadata=metadata,
+        metadata=job_metadata(cfg, command, config_arg, overrides, code_dir),
         entrypoint_num_cpus=entrypoint_num_cpus,
         entrypoint_num_gpus=entrypoint_num_gpus,
         entrypoint_memory=entrypoint_memory,
@@ -351,7 +355,8 @@ def auth_headers(address: str, environ: dict[str, str] | None = None) -> dict[st
     if token is None:
         if mode == "token":
             raise SubmitError(
-                "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token"
+                "RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, "
+                "or write ~/.ray/auth_token"
             )
         return {}
     return {"Authorization": f"Bearer {token}"}
@@ -421,13 +426,10 @@ def mlflow_link(tracking_uri: str | None, run_id: str, ui_url: str | None = None
     base = ui_url or tracking_uri
     if not base or not base.startswith(("http://", "https://")):
         where = tracking_uri or "a SQLite store under storage.path on the cluster"
-        return f"run {run_id} in {_redact(where)}"
-    experiment_id = (
-        _experiment_of(tracking_uri, run_id)
-        if tracking_uri and tracking_uri.startswith(("http://", "https://"))
-        else None
-    )
-    base = _redact(base.rstrip("/"))
+        return f"run {run_id} in {storage.redact(where)}"
+    server = tracking_uri if tracking_uri and tracking_uri.startswith(("http://", "https://")) else None
+    experiment_id = _experiment_of(server, run_id) if server else None
+    base = storage.redact(base.rstrip("/"))
     if experiment_id is None:
         return f"{base} (run {run_id})"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
@@ -455,18 +457,8 @@ def _experiment_of(tracking_uri: str, run_id: str, timeout_s: float = 5.0) -> st
         return None
 
 
-def _redact(uri: str) -> str:
-    return URL_USERINFO.sub("://***@", uri)
-
-
 def run(
-    submission: Submission,
-    address: str,
-    *,
-    follow: bool = True,
-    mlflow_ui: str | None = None,
-    out=None,
-    say=None,
+    submission: Submission, address: str, *, follow: bool = True, mlflow_ui: str | None = None, out=None, say=None
 ) -> int:
     """Submit, follow the logs, report the end state and the MLflow link. Returns the exit code."""
     out = out or sys.stdout
@@ -502,91 +494,3 @@ def run(
     if not runs:
         say("no MLflow run was printed by the job")
     return 0
-
-
-# ---------------------------------------------------------------- the command
-
-
-def command(
-    config: Annotated[
-        Path,
-        typer.Argument(help="Experiment config, inside the working directory (or, with --image, inside the image)."),
-    ],
-    overrides: Annotated[
-        Optional[list[str]],
-        typer.Argument(help="Dotted overrides, e.g. storage.path=s3://bucket/l2t", show_default=False),
-    ] = None,
-    address: Annotated[
-        Optional[str],
-        typer.Option(help="Ray dashboard address, e.g. http://HEAD:8265 (else RAY_API_SERVER_ADDRESS or RAY_ADDRESS)."),
-    ] = None,
-    sweep: Annotated[
-        bool, typer.Option("--sweep", help="Run `l2t sweep` (the λ grid) instead of `l2t train`.")
-    ] = False,
-    working_dir: Annotated[
-        Path, typer.Option(help="Uploaded as the job's working directory (.gitignore honoured).")
-    ] = Path("."),
-    image: Annotated[
-        Optional[str], typer.Option(help="Container image with l2t installed (Ray image_uri); no upload.")
-    ] = None,
-    pip: Annotated[Optional[list[str]], typer.Option(help="Extra pip requirement for the job (repeatable).")] = None,
-    env: Annotated[
-        Optional[list[str]], typer.Option(help="KEY=VALUE for the job (repeatable); credentials are refused.")
-    ] = None,
-    submission_id: Annotated[
-        Optional[str], typer.Option(help="Job id; default l2t-<command>-<name>-<time>-<hex>.")
-    ] = None,
-    entrypoint_num_cpus: Annotated[Optional[float], typer.Option(help="CPUs reserved for the driver.")] = None,
-    entrypoint_num_gpus: Annotated[
-        Optional[float], typer.Option(help="GPUs reserved for the driver (e.g. 1 to evaluate on a GPU node).")
-    ] = None,
-    entrypoint_memory: Annotated[Optional[int], typer.Option(help="Memory (bytes) reserved for the driver.")] = None,
-    entrypoint_resource: Annotated[
-        Optional[list[str]], typer.Option(help="NAME=AMOUNT custom resource for the driver (repeatable).")
-    ] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow/--no-follow", help="Stream the driver's logs until the job ends.")
-    ] = True,
-    mlflow_ui: Annotated[
-        Optional[str], typer.Option(help="MLflow UI address for the final link (default: the config's tracking.uri).")
-    ] = None,
-) -> None:
-    """Run `l2t train` (or `l2t sweep`) on a Ray cluster as a Ray Job; follow its logs; link its MLflow run."""
-    try:
-        resources = {k: float(v) for k, v in parse_pairs(entrypoint_resource, "--entrypoint-resource").items()}
-    except ValueError:
-        _fail("--entrypoint-resource amounts must be numbers")
-    try:
-        plan = plan_submission(
-            config,
-            overrides,
-            sweep=sweep,
-            working_dir=None if image else working_dir,
-            image=image,
-            pip=pip,
-            env=parse_pairs(env, "--env"),
-            submission_id=submission_id,
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
-            entrypoint_memory=entrypoint_memory,
-            entrypoint_resources=resources,
-        )
-        code = run(plan, resolve_address(address), follow=follow, mlflow_ui=mlflow_ui)
-    except (ConfigError, SubmitError) as error:
-        _fail(str(error))
-    raise typer.Exit(code)
-
-
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise typer.Exit(2)
-
-
-def main() -> None:  # pragma: no cover - `python -m orchestrator.submit`, the same command as `l2t submit`
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(command)
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

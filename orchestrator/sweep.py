@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage
+from orchestrator import layout, storage
 from orchestrator.cluster import cluster_cpus
-from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict
-from orchestrator.evaluate import evaluate_model
-from orchestrator.pipeline import log, mask_example_html, prepare_inputs, with_overrides
+from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, with_overrides
+from orchestrator.console import log
+from orchestrator.experiment import prepare_inputs, run_experiment
+from orchestrator.ingest import LIGHT_TASK_CPUS
 from orchestrator.prepare import PreparedData
-from orchestrator.train import LIGHT_TASK_CPUS
+from orchestrator.train import read_history, total_steps
 
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
 SWEEP_STATE = "sweep.json"
@@ -104,40 +105,40 @@ class SweepResult:
 def _trial(
     config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_path: str, dataset, sweep_path: str
 ) -> None:
-    """One Tune trial: a Ray Train fit reporting to Tune, then evaluation on the held-out questions."""
+    """One Tune trial: `run_experiment` (a Ray Train fit reporting to Tune, then evaluation); MLflow is the driver's."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.train import run_train
 
     cfg = with_overrides(config_from_dict(cfg_json), config["point"])
     prepared = PreparedData.load(prepared_path)
     trial_id = ray.tune.get_context().get_trial_id()
-    run_name = f"{Path(sweep_path).name}-{trial_id}"
     summary_uri = storage.join(sweep_path, TRIALS_DIR, f"{trial_id}.json")
     if storage.exists(summary_uri):
         # Finished before the driver died, but Tune had not saved that: report it again, don't retrain.
-        from orchestrator.train import read_history
-
         summary = json.loads(storage.read_text(summary_uri))
-        history = read_history(storage.join(summary["run_path"], "metrics.jsonl"))
+        history = read_history(storage.join(summary["run_path"], layout.RUN_METRICS))
         _report_final(history[-1] if history else {}, summary["eval"])
         return
-    trained = run_train(cfg, prepared, model_dir, run_name, callbacks=[TuneReportCallback()], dataset=dataset)
-    samples_file = storage.join(trained.run_path, "eval_samples.jsonl")
-    eval_metrics = evaluate_model(cfg, trained.model_dir, prepared, samples_file)
-    mask_example_html(cfg, prepared, model_dir, storage.join(trained.run_path, "mask_example.html"))
+    result = run_experiment(
+        cfg,
+        run_name=f"{Path(sweep_path).name}-{trial_id}",
+        inputs=(cfg, model_dir, prepared),
+        callbacks=[TuneReportCallback()],
+        dataset=dataset,
+        track=False,
+    )
+    trained = result.train
     summary = {
         "trial_id": trial_id,
-        "run_name": run_name,
+        "run_name": result.run_name,
         "point": config["point"],
         "model_dir": trained.model_dir,
         "run_path": trained.run_path,
-        "eval": eval_metrics,
-        "eval_samples": samples_file,
+        "eval": result.eval_metrics,
+        "eval_samples": result.eval_samples_file,
     }
     storage.write_text(summary_uri, json.dumps(summary, indent=2))
-    _report_final(trained.history[-1] if trained.history else {}, eval_metrics)
+    _report_final(trained.history[-1] if trained.history else {}, result.eval_metrics)
 
 
 def _report_final(last_step: dict[str, Any], eval_metrics: dict[str, float]) -> None:
@@ -155,34 +156,20 @@ def _report_final(last_step: dict[str, Any], eval_metrics: dict[str, float]) -> 
 def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     """Run (or resume) the sweep described by `cfg.sweep`; returns the trials as logged to MLflow."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from orchestrator.tracking import check_reachable, start_parent_run, tracking_uri
-    from orchestrator.train import training_dataset
+    from orchestrator.ingest import training_dataset
+    from orchestrator.tracking import check_reachable, tracking_uri
 
     check_reachable(tracking_uri(cfg))
     points = sweep_points(cfg)
     name = sweep_name(cfg)
-    root = storage.join(storage.absolute(cfg.storage.path), "sweeps")
-    path = storage.join(root, name)
+    path = layout.sweep_dir(cfg.storage.path, name)
     resolved, model_dir, prepared = prepare_inputs(cfg)
     concurrent, worker_cpus = trial_layout(resolved, len(points))
     resolved = with_overrides(resolved, {"train.cpus_per_worker": worker_cpus, "train.ingest": "materialize"})
-    log(
-        f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {resolved.train.num_workers} workers x {worker_cpus:g} CPU each -> {path}"
-    )
-
-    state_uri = storage.join(path, SWEEP_STATE)
-    if storage.exists(state_uri):
-        state = json.loads(storage.read_text(state_uri))
-        log(f"[sweep] resuming {name} (MLflow parent run {state['parent_run_id']})")
-    else:
-        state = {
-            "name": name,
-            "points": points,
-            "parent_run_id": start_parent_run(resolved, name, tags={"l2t.sweep": name}),
-        }
-        storage.write_text(state_uri, json.dumps(state, indent=2))
+    workers = f"{resolved.train.num_workers} workers x {worker_cpus:g} CPU each"
+    log(f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {workers} -> {path}")
+    state = _sweep_state(resolved, name, path, points)
 
     # Images are loaded once for every trial: the materialized blocks stay in the object store.
     data_cpus = min(1.0, cluster_cpus())
@@ -198,7 +185,31 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         ),
         {"CPU": TRIAL_CPU},
     )
-    asha = resolved.sweep.asha
+    results = _tuner(resolved, name, trainable, points, concurrent, prepared).fit()
+    trials = _log_trials(resolved, state, path, results, prepared)
+    return SweepResult(name=name, path=path, parent_run_id=state["parent_run_id"], trials=trials)
+
+
+def _sweep_state(cfg: ExperimentConfig, name: str, path: str, points: list[dict]) -> dict[str, Any]:
+    """The sweep's saved state (its MLflow parent run): read on resume, else created with a new parent run."""
+    from orchestrator.tracking import start_parent_run
+
+    state_uri = storage.join(path, SWEEP_STATE)
+    if storage.exists(state_uri):
+        state = json.loads(storage.read_text(state_uri))
+        log(f"[sweep] resuming {name} (MLflow parent run {state['parent_run_id']})")
+        return state
+    state = {"name": name, "points": points, "parent_run_id": start_parent_run(cfg, name, tags={"l2t.sweep": name})}
+    storage.write_text(state_uri, json.dumps(state, indent=2))
+    return state
+
+
+def _tuner(cfg: ExperimentConfig, name: str, trainable, points: list[dict], concurrent: int, prepared: PreparedData):
+    """The Tune experiment: restored from the sweep's folder when it exists (the same command resumes)."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = cfg.sweep.asha
     scheduler = (
         ASHAScheduler(
             metric=asha.metric,
@@ -208,43 +219,31 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
             time_attr="step",
             grace_period=asha.grace_period,
             reduction_factor=asha.reduction_factor,
-            max_t=_total_steps(resolved, prepared) + 1,
+            max_t=total_steps(cfg, prepared) + 1,
         )
         if asha.enabled
         else FIFOScheduler()
     )
+    root = layout.sweeps_dir(cfg.storage.path)
     fs, fs_root = storage.filesystem(root)
-    tune_path = storage.join(root, name)
-    if ray.tune.Tuner.can_restore(storage.filesystem(tune_path)[1] if not storage.is_s3(tune_path) else tune_path):
-        tuner = ray.tune.Tuner.restore(
-            tune_path,
-            trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=fs if storage.is_s3(tune_path) else None,
+    tune_path = layout.sweep_dir(cfg.storage.path, name)
+    s3 = storage.is_s3(tune_path)
+    if ray.tune.Tuner.can_restore(tune_path if s3 else storage.filesystem(tune_path)[1]):
+        return ray.tune.Tuner.restore(
+            tune_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs if s3 else None
         )
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space={"point": ray.tune.grid_search(points)},
-            tune_config=ray.tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent),
-            run_config=ray.tune.RunConfig(
-                name=name,
-                storage_path=fs_root,
-                storage_filesystem=fs,
-                failure_config=ray.tune.FailureConfig(max_failures=resolved.sweep.max_failures),
-                verbose=1,
-            ),
-        )
-    results = tuner.fit()
-    trials = _log_trials(resolved, state, path, results, prepared)
-    return SweepResult(name=name, path=path, parent_run_id=state["parent_run_id"], trials=trials)
-
-
-def _total_steps(cfg: ExperimentConfig, prepared: PreparedData) -> int:
-    from orchestrator.train import train_spec
-
-    return train_spec(cfg, "unused", prepared.manifest["rows_written"]).total_steps
+    return ray.tune.Tuner(
+        trainable,
+        param_space={"point": ray.tune.grid_search(points)},
+        tune_config=ray.tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrent),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=fs_root,
+            storage_filesystem=fs,
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+            verbose=1,
+        ),
+    )
 
 
 def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared: PreparedData) -> list[dict[str, Any]]:
@@ -252,7 +251,6 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
     import mlflow
 
     from orchestrator.tracking import log_training_run, tracking_uri
-    from orchestrator.train import read_history
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     parent = state["parent_run_id"]
@@ -270,7 +268,7 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
         summary_uri = storage.join(path, TRIALS_DIR, f"{trial_id}.json")
         point = (result.config or {}).get("point", {})
         run_name = f"{Path(path).name}-{trial_id}"
-        run_path = storage.join(storage.absolute(cfg.storage.path), "runs", run_name)
+        run_path = layout.run_dir(cfg.storage.path, run_name)
         summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else None
         status = "completed" if summary else ("errored" if result.error else "stopped_early")
         trial = {
@@ -284,11 +282,11 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
         if trial_id in logged:
             continue
         trial_cfg = with_overrides(cfg, point)
-        history = read_history(storage.join(run_path, "metrics.jsonl"))
+        history = read_history(storage.join(run_path, layout.RUN_METRICS))
         artifacts = {
-            "metrics": storage.join(run_path, "metrics.jsonl"),
+            "metrics": storage.join(run_path, layout.RUN_METRICS),
             "task_templates": prepared.task_templates_file,
-            "mask_example": storage.join(run_path, "mask_example.html"),
+            "mask_example": storage.join(run_path, layout.RUN_MASK_EXAMPLE),
         }
         if summary:
             artifacts["eval"] = summary["eval_samples"]

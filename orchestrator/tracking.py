@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from orchestrator import storage
+from orchestrator import layout, storage
 from orchestrator.config import REPO_ROOT, ExperimentConfig
 
 
@@ -26,11 +26,11 @@ class TrackingError(RuntimeError):
 def tracking_uri(cfg: ExperimentConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    root = storage.absolute(cfg.storage.path)
+    root = layout.root(cfg.storage.path)
     if storage.is_s3(root):
         root = str(Path.home() / ".l2t")
     Path(root).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root}/mlflow.db"
+    return f"sqlite:///{layout.mlflow_db(root)}"
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -46,10 +46,11 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         raise TrackingError(f"MLflow server {storage.redact(uri)} is unreachable: {error}") from None
 
 
-def git_commit() -> str:
+def git_commit(cwd: str | Path = REPO_ROOT) -> str:
+    """HEAD of the git checkout at `cwd` (this repository by default), or "unknown"."""
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

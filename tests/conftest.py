@@ -30,12 +30,12 @@ def synthetic_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(synthetic_data, tmp_path_factory) -> str:
     """The tiny LLaVA preset, its tokenizer trained on the synthetic corpus rendered with vicuna_v1."""
-    from orchestrator.pipeline import _corpus
+    from orchestrator.inputs import tokenizer_corpus
     from workloads.config import TinyModelConfig
     from workloads.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
-    build_tiny_model(out, _corpus([str(synthetic_data.train_file)], "vicuna_v1"), TinyModelConfig())
+    build_tiny_model(out, tokenizer_corpus([str(synthetic_data.train_file)], "vicuna_v1"), TinyModelConfig())
     return str(out)
 
 
@@ -79,6 +79,34 @@ def ray_cluster(s3_endpoint):
     connect(num_cpus=2)
     yield
     ray.shutdown()
+
+
+def fail_once_after(step: int, marker: str):
+    """A `wrap_report` for fault injection: rank 0 raises right after reporting `step`, once (a file marks it).
+
+    Nested functions, so Ray ships them to workers by value (cloudpickle), with no test module to import there.
+    """
+
+    def wrap(report):
+        def report_then_fail(metrics, checkpoint_dir):
+            import torch.distributed as dist
+
+            report(metrics, checkpoint_dir)
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if int(metrics.get("step", -1)) == step and not metrics.get("final") and rank == 0:
+                if not Path(marker).exists():
+                    Path(marker).write_text(str(step))
+                    raise RuntimeError(f"injected failure after step {step}")
+
+        return report_then_fail
+
+    return wrap
+
+
+@pytest.fixture(scope="session")
+def inject_failure():
+    """`fail_once_after(step, marker)`: a report wrapper that fails a run once after `step`."""
+    return fail_once_after
 
 
 def experiment_config(storage_path: Path | str, **sections):

@@ -34,7 +34,8 @@ def question_file(synthetic_data, tmp_path_factory):
         {
             "question_id": "mc",
             "image": image,
-            "text": "What shape is it?\nA. circle\nB. square\nAnswer with the option's letter from the given choices directly.",
+            "text": "What shape is it?\nA. circle\nB. square\n"
+            "Answer with the option's letter from the given choices directly.",
             "choices": ["circle", "square"],
             "answer": "A",
         },
@@ -58,7 +59,7 @@ def test_l2t_eval_on_ray_data_matches_the_in_process_evaluator(
     from typer.testing import CliRunner
 
     from orchestrator.evaluate import load_question_file
-    from workloads.evaluation import evaluate
+    from workloads.evaluator import evaluate
     from workloads.segments import EncodeSpec
 
     out = tmp_path / "out"
@@ -155,7 +156,8 @@ def test_evaluate_model_is_a_drop_in_for_the_pipeline(ray_cluster, tiny_model_di
     TaskTemplateList.from_sentences(["Answer the question using a single word or phrase."]).save(
         prepared_dir / "task_templates.json"
     )
-    prepared = PreparedData(path=str(prepared_dir), manifest={"num_image_tokens": 17, "chat_template": "vicuna_v1"})
+    manifest = {"encode_spec": {"template": "vicuna_v1", "num_image_tokens": 17, "max_length": 128}}
+    prepared = PreparedData(path=str(prepared_dir), manifest=manifest)
     cfg = experiment_config(
         tmp_path,
         data={

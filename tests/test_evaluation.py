@@ -16,22 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from workloads.evaluation import (
-    Evaluator,
+from workloads.caption_metrics import bleu4, cider_d
+from workloads.eval_questions import (
     QuestionError,
-    SampleResult,
-    as_sample,
-    evaluate,
     normalize_question,
     parse_question_lines,
     question_conversation,
-    sample_rows,
-    score_prediction,
-    summarize,
     synthetic_chair_vocabularies,
     synthetic_questions,
 )
-from workloads.metrics import bleu4, cider_d
+from workloads.eval_summary import SampleResult, as_sample, sample_rows, score_prediction, summarize
+from workloads.evaluator import Evaluator, evaluate
 from workloads.segments import EncodeSpec
 
 # ---------------------------------------------------------------- question rows
@@ -96,7 +91,8 @@ def test_multiple_choice_rows_score_by_the_option_picked():
     row = {
         "question_id": "mc1",
         "image": "a.png",
-        "text": "What color is the circle?\nA. red\nB. green\nC. blue\nAnswer with the option's letter from the given choices directly.",
+        "text": "What color is the circle?\nA. red\nB. green\nC. blue\n"
+        "Answer with the option's letter from the given choices directly.",
         "choices": ["red", "green", "blue"],
         "answer": "B",
     }
@@ -409,7 +405,8 @@ def test_visual_contribution_is_positive_after_learning_to_look_and_zero_without
         metrics, _ = evaluate(model, tokenizer, processor, questions, root, spec, max_new_tokens=3)
         results[label] = metrics
         print(
-            f"{label}: VC/token {metrics['vc_mean']:+.3f}, VC/sample {metrics['vc_sum']:+.3f}, accuracy {metrics['accuracy']:.2f} ({time.perf_counter() - started:.1f} s)"
+            f"{label}: VC/token {metrics['vc_mean']:+.3f}, VC/sample {metrics['vc_sum']:+.3f}, "
+            f"accuracy {metrics['accuracy']:.2f} ({time.perf_counter() - started:.1f} s)"
         )
     trained, blind = results["trained"], results["never_saw_images"]
     assert trained["accuracy"] >= 0.6 and blind["accuracy"] <= 0.4

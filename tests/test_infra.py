@@ -376,8 +376,8 @@ def test_submit_plans_a_sweep_job_from_the_working_directory(in_repo):
         },
     )
     assert (
-        plan.entrypoint
-        == "python -m orchestrator.cli sweep configs/lambda_grid.yaml storage.path=s3://bucket/l2t tracking.uri=http://mlflow:5000 train.lr=1e-4"
+        plan.entrypoint == "python -m orchestrator.cli sweep configs/lambda_grid.yaml storage.path=s3://bucket/l2t "
+        "tracking.uri=http://mlflow:5000 train.lr=1e-4"
     )
     assert re.fullmatch(r"l2t-sweep-lambda-grid-\d{8}-\d{6}-[0-9a-f]{4}", plan.submission_id)
     assert plan.runtime_env["working_dir"] == str(REPO)
@@ -480,7 +480,10 @@ def test_submit_finds_mlflow_runs_in_driver_logs_and_links_them():
     from orchestrator.submit import mlflow_link, mlflow_runs_in
 
     a, b = "a" * 32, "0123456789abcdef" * 2
-    logs = f"...\nsweep x: 2 trials; MLflow parent\nrun\n{a} in http://m:5000\nMLflow run {b} in sqlite:///x.db\nMLflow parent run {a} in ...\n"
+    logs = (
+        f"...\nsweep x: 2 trials; MLflow parent\nrun\n{a} in http://m:5000\n"
+        f"MLflow run {b} in sqlite:///x.db\nMLflow parent run {a} in ...\n"
+    )
     assert mlflow_runs_in(logs) == [("parent run", a), ("run", b)]
     assert mlflow_link("http://127.0.0.1:9", a) == f"http://127.0.0.1:9 (run {a})"  # no server: the run id and where
     assert mlflow_link(None, a) == f"run {a} in a SQLite store under storage.path on the cluster"
@@ -493,7 +496,7 @@ def test_submit_command_line():
     from typer.testing import CliRunner
 
     from orchestrator import cli
-    from orchestrator.submit import command
+    from orchestrator.cli.submit_command import command
 
     app = typer.Typer()
     app.command()(command)

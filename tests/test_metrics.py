@@ -1,4 +1,4 @@
-"""Hand-computed checks of workloads.metrics against the reference tools' definitions."""
+"""Hand-computed checks of answer_matching, caption_metrics and mean_std against the reference tools' definitions."""
 
 from __future__ import annotations
 
@@ -6,22 +6,17 @@ import math
 
 import pytest
 
-from workloads.metrics import (
-    bleu,
-    bleu4,
-    cider_d,
-    cider_d_scores,
+from workloads.answer_matching import (
     exact_match,
-    hallucination_rate,
-    mean_std,
     multiple_choice_accuracy,
     normalize_vqa_answer,
     parse_multiple_choice,
     pope_metrics,
     pope_yes_no,
-    tokenize_caption,
     vqa_accuracy,
 )
+from workloads.caption_metrics import bleu, bleu4, cider_d, cider_d_scores, hallucination_rate, tokenize_caption
+from workloads.eval_summary import mean_std
 
 # ---------------------------------------------------------------------------
 # VQA

@@ -200,9 +200,10 @@ def test_training_flops_count_linear_layers_and_attention(tiny):
     config = model.config
     apply_freeze_policy(model, "vision_tower")
     flops = TrainingFlops.of(model)
-    linear = lambda module: sum(
-        m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-    )  # noqa: E731
+
+    def linear(module):
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+
     assert flops.lm_params == linear(model.model.language_model) + model.lm_head.weight.numel()
     assert flops.lm_trains and not flops.vision_trains
     assert flops.vision_positions == num_image_tokens(config)  # CLIP: patches + CLS

@@ -245,7 +245,7 @@ def scenario_node_loss(args: dict) -> dict:
     from ray.cluster_utils import Cluster
     from test_submit_ray import free_port
 
-    from orchestrator.pipeline import prepare_inputs
+    from orchestrator.experiment import prepare_inputs
     from orchestrator.train import run_train
 
     max_steps, log_every, checkpoint_every = 40, 5, 10

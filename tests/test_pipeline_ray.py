@@ -105,7 +105,7 @@ def test_prepare_quarantines_each_bad_row_and_keeps_every_good_one(ray_cluster, 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tmp_path_factory):
     """One real fit for the module: Ray Data -> Ray Train (2 workers, DeepSpeed ZeRO-2) -> eval -> MLflow."""
-    from orchestrator.pipeline import run_experiment
+    from orchestrator.experiment import run_experiment
 
     storage = tmp_path_factory.mktemp("e2e")
     cfg = experiment_config(
@@ -136,12 +136,12 @@ def test_end_to_end_run_trains_evaluates_and_tracks(trained):
     assert "eval/accuracy" in run.data.metrics and "eval/vc_mean" in run.data.metrics
     history = mlflow.tracking.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == [4, 8, 12]
-    samples = [json.loads(l) for l in Path(result.eval_samples_file).read_text().splitlines()]
+    samples = [json.loads(line) for line in Path(result.eval_samples_file).read_text().splitlines()]
     assert len(samples) == 40 and {"prediction", "vc_sum", "correct"} <= set(samples[0])
 
 
 def test_unreachable_tracking_server_fails_before_training(ray_cluster, tmp_path):
-    from orchestrator.pipeline import run_experiment
+    from orchestrator.experiment import run_experiment
     from orchestrator.tracking import TrackingError
 
     cfg = experiment_config(tmp_path, tracking={"uri": "http://127.0.0.1:9"})

@@ -9,18 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from orchestrator.prepare import (
-    ENCODED_SCHEMA,
-    VALIDATED_SCHEMA,
-    check_image,
-    conversations_of,
-    encode_rows,
-    preparation_key,
-    rows_per_block,
-    sentence_counts,
-    split_files,
-    validate_rows,
-)
+from orchestrator.encoding import ENCODED_SCHEMA, encode_rows
+from orchestrator.images import check_image
+from orchestrator.prepare import preparation_key
+from orchestrator.readers import rows_per_block, split_files
+from orchestrator.template_stats import sentence_counts
+from orchestrator.validation import VALIDATED_SCHEMA, conversations_of, validate_rows
 
 
 def _batch(lines, source="data.jsonl", errors=None):
@@ -198,7 +192,7 @@ def test_sentence_counts_match_the_single_process_statistics(synthetic_data):
     table = sentence_counts(validated)
     counts, _ = count_sentences(parse_record(json.loads(line)) for line in lines)
     assert dict(zip(table.column("sentence").to_pylist(), table.column("count").to_pylist())) == dict(counts)
-    assert [c.turns for c in conversations_of(validated)] == [parse_record(json.loads(l)).turns for l in lines]
+    assert [c.turns for c in conversations_of(validated)] == [parse_record(json.loads(x)).turns for x in lines]
 
 
 def _encode_spec(model_dir, max_length):

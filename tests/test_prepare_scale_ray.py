@@ -82,6 +82,7 @@ def mixed_sources(synthetic_data, tmp_path_factory):
 def mixed_prepared(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, tmp_path_factory):
     """One preparation of the mixed sources, in blocks of 40 rows: each file spreads over several tasks."""
     from orchestrator import prepare as prepare_module
+    from orchestrator import readers
 
     files, _, _ = mixed_sources
     storage = tmp_path_factory.mktemp("mixed-out")
@@ -96,8 +97,8 @@ def mixed_prepared(ray_cluster, mixed_sources, synthetic_data, tiny_model_dir, t
     )
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prepare_module, "MIN_ROWS_PER_BLOCK", 40)
-        patch.setattr(prepare_module, "MAX_ROWS_PER_BLOCK", 40)
+        patch.setattr(readers, "MIN_ROWS_PER_BLOCK", 40)
+        patch.setattr(readers, "MAX_ROWS_PER_BLOCK", 40)
         prepared = prepare_module.prepare(cfg, tiny_model_dir, progress=lines.append)
     return cfg, prepared, lines
 

@@ -309,7 +309,7 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
 
         # Without the token the cluster refuses, and the error says what to set.
         code, _, err = run_logged(
-            [sys.executable, "-m", "orchestrator.submit", "grid.yaml", "--sweep", "--address", head.address],
+            [sys.executable, "-m", "orchestrator.cli", "submit", "grid.yaml", "--sweep", "--address", head.address],
             tmp_path / "no-token",
             120,
             cwd=repo,
@@ -321,7 +321,7 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
         # 1. `l2t submit` (the same command, run as a module): a 2-trial sweep, logs followed, the MLflow link printed.
         started = time.time()
         code, out, err = run_logged(
-            [sys.executable, "-m", "orchestrator.submit", "grid.yaml", "--sweep", "--address", head.address],
+            [sys.executable, "-m", "orchestrator.cli", "submit", "grid.yaml", "--sweep", "--address", head.address],
             tmp_path / "l2t-submit",
             600,
             cwd=repo,

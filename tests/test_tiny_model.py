@@ -158,7 +158,7 @@ def _answer_accuracy(model, inputs, labels) -> float:
 def test_learns_to_read_the_color_from_the_image(tmp_path):
     """Plain AdamW on answer tokens: held-out color accuracy goes from chance (1/6) to near perfect.
 
-    DESIGN.md saw 100% within ~150 steps at batch 32, lr 1e-3; here it takes about 50.
+    An earlier measurement saw 100% within ~150 steps at batch 32, lr 1e-3; here it takes about 50.
     """
     model_dir = build_tiny_model(tmp_path / "learner", _corpus(), TinyModelConfig(), seed=0)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from workloads.train_loop import MODEL_SUBDIR, TrainSpec, run_training
+from workloads.train_loop import MODEL_SUBDIR, run_training
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +35,35 @@ def micro_rows(synthetic_data, tiny_model_dir):
 
 
 def _batches(rows, micro_batch_size):
-    def epoch_batches(epoch):
-        for start in range(0, len(rows) - micro_batch_size + 1, micro_batch_size):
+    def epoch_batches(epoch, skip):
+        starts = list(range(0, len(rows) - micro_batch_size + 1, micro_batch_size))
+        for start in starts[skip:]:
             chunk = rows[start : start + micro_batch_size]
             yield {key: [r[key] for r in chunk] for key in chunk[0]}
 
     return epoch_batches
 
 
-def _train(tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, **overrides):
+def _loop_config(tiny_model_dir, settings):
+    """The experiment config of a plain-process run (one rank) from the test's settings."""
+    from orchestrator.config import config_from_dict
+
+    masking = {k: settings.pop(k) for k in ("mode", "lambda_instruction", "lambda_response") if k in settings}
+    model = {k: settings.pop(k) for k in ("freeze", "dtype", "gradient_checkpointing") if k in settings}
+    settings["max_steps"] = settings.pop("total_steps")
+    raw = {
+        "data": {"sources": ["rows-in-memory.jsonl"]},
+        "model": {"name_or_path": tiny_model_dir, **model},
+        "masking": masking,
+        "train": {"num_workers": 1, **settings},
+    }
+    return config_from_dict(raw)
+
+
+def _train(
+    tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, fail_at_step=None, fail_marker=None, **overrides
+):
     settings = dict(
-        model_path=tiny_model_dir,
         total_steps=2,
         steps_per_epoch=100,
         lr=1e-3,
@@ -53,12 +71,14 @@ def _train(tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, **over
         warmup_ratio=0.0,
         micro_batch_size=8,
         gradient_accumulation=1,
-        deepspeed_config={"zero_optimization": {"stage": 2}},
         log_every=1,
         torch_threads=1,  # steadier on a shared machine
     )
+    deepspeed_config = overrides.pop("deepspeed_config", {"zero_optimization": {"stage": 2}})
+    export_model = overrides.pop("export_model", True)
     settings.update(overrides)
-    spec = TrainSpec(**settings)
+    steps_per_epoch = settings.pop("steps_per_epoch")
+    cfg = _loop_config(tiny_model_dir, settings)
     reports = [] if reports is None else reports
 
     def report(metrics, checkpoint_dir):
@@ -68,7 +88,19 @@ def _train(tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, **over
             shutil.copytree(checkpoint_dir, kept)
         reports.append((metrics, kept))
 
-    run_training(spec, _batches(rows, spec.micro_batch_size), report, resume_dir=resume_dir)
+    if fail_at_step is not None:
+        from conftest import fail_once_after
+
+        report = fail_once_after(fail_at_step, fail_marker)(report)
+    run_training(
+        cfg,
+        _batches(rows, cfg.train.micro_batch_size),
+        report,
+        rows=steps_per_epoch * cfg.train.global_batch,
+        deepspeed_config=deepspeed_config,
+        resume_dir=resume_dir,
+        export_model=export_model,
+    )
     return reports
 
 
@@ -195,11 +227,11 @@ def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_m
     assert torch.all(grad[~untrained].abs().sum(-1) > 0)
 
 
-# ---------------------------------------------------------------- the data plan (orchestrator/train.py, no Ray)
+# ---------------------------------------------------------------- the data plan (workloads/batching.py, no Ray)
 
 
 def _plan(lengths, micro, gas, world, **kw):
-    from orchestrator.train import BatchPlan
+    from workloads.batching import BatchPlan
 
     return BatchPlan(np.asarray(lengths), micro, gas, world, **kw)
 
@@ -237,7 +269,7 @@ def test_length_grouping_cuts_padding_and_keeps_micro_batches_unequal():
 
 
 def test_ordered_micro_batches_follow_the_plan_whatever_the_arrival_order():
-    from orchestrator.train import ordered_micro_batches
+    from workloads.batching import ordered_micro_batches
 
     order = np.array([5, 1, 4, 0, 3, 2])
     arrival = [
@@ -259,8 +291,8 @@ def test_load_rows_reads_the_planned_rows_with_their_images(synthetic_data, tiny
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from orchestrator.ingest import LoadRows, read_prepared_rows
     from orchestrator.prepare import PreparedData
-    from orchestrator.train import LoadRows, read_prepared_rows
 
     images = [json.loads(line)["image"] for line in Path(synthetic_data.train_file).read_text().splitlines()[:300]]
     shards = tmp_path / "prepared" / "shards"
@@ -348,11 +380,13 @@ def test_a_restart_after_the_export_hands_the_same_export_back(tmp_path, tiny_mo
     (final / MODEL_SUBDIR / "config.json").write_text("{}")
     (final / STATE_FILE).write_text(json.dumps({"step": 7, "final": True, "metrics": {"step": 7, "loss": 0.5}}))
     reports = []
-    spec = TrainSpec(model_path=tiny_model_dir, total_steps=7, steps_per_epoch=7)
+    cfg = _loop_config(tiny_model_dir, {"total_steps": 7})
     run_training(
-        spec,
-        lambda epoch: iter(()),
+        cfg,
+        lambda epoch, skip: iter(()),
         lambda m, d: reports.append((m, Path(d, MODEL_SUBDIR, "config.json").exists() if d else None)),
+        rows=7 * cfg.train.global_batch,
+        deepspeed_config={},
         resume_dir=str(final),
     )
     assert reports == [({"step": 7, "loss": 0.5, "final": 1}, True)]

@@ -37,8 +37,9 @@ def _metrics_rows(run_path: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fits(ray_cluster, tmp_path_factory):
-    from orchestrator.pipeline import prepare_inputs, with_overrides
+def fits(ray_cluster, tmp_path_factory, inject_failure):
+    from orchestrator.config import with_overrides
+    from orchestrator.experiment import prepare_inputs
     from orchestrator.train import run_train
 
     storage = tmp_path_factory.mktemp("train-ray")
@@ -60,12 +61,10 @@ def fits(ray_cluster, tmp_path_factory):
     def fit(label, run_name, workers, micro, gas, **train):
         layout = {"train.num_workers": workers, "train.micro_batch_size": micro, "train.gradient_accumulation": gas}
         layout.update({f"train.{k}": v for k, v in train.items() if k != "fail_at_step"})
-        overrides = (
-            {"fail_at_step": train["fail_at_step"], "fail_marker": str(storage / f"{label}.failed")}
-            if "fail_at_step" in train
-            else None
+        fault = (
+            inject_failure(train["fail_at_step"], str(storage / f"{label}.failed")) if "fail_at_step" in train else None
         )
-        result = run_train(with_overrides(cfg, layout), prepared, model_dir, run_name, spec_overrides=overrides)
+        result = run_train(with_overrides(cfg, layout), prepared, model_dir, run_name, wrap_report=fault)
         out[label] = result
         out[f"{label}_params"] = _state_dict(result.model_dir)
         out[f"{label}_rows"] = _metrics_rows(result.run_path)
@@ -83,7 +82,9 @@ def _by_step(result) -> dict[int, dict]:
 
 @pytest.mark.parametrize("label", ["B", "C"])
 def test_layouts_give_the_same_loss_gradient_and_update(fits, label):
-    """(1 worker, acc 4) = (2 workers, acc 2) = (2 workers, acc 1, micro x2): per-step loss, N, grad norm, final weights."""
+    """(1 worker, acc 4) = (2 workers, acc 2) = (2 workers, acc 1, micro x2).
+
+    Per-step loss, N, grad norm and final weights agree."""
     reference, other = _by_step(fits["A"]), _by_step(fits[label])
     assert sorted(reference) == sorted(other) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -30,7 +30,7 @@ own literal markers. The system prompt is the data's (`Conversation.system`)
 if present, else the `system_prompt` argument, else the template's default;
 an empty string leaves the system prompt out.
 
-Segments (DESIGN.md): BOS and the system prompt, with its own header and
+Segments (docs/design.md): BOS and the system prompt, with its own header and
 closing marker -> SYSTEM; role markers and separators -> ROLE; each image
 placeholder -> IMAGE; the human's words -> INSTRUCTION, except sentences found
 in `task_templates` (matched after the normalization of task_templates.py)

@@ -64,7 +64,7 @@ class DataConfig(_Strict):
     """Where conversations come from and how they are rendered and tokenized."""
 
     sources: list[str] = Field(default_factory=list)
-    """Training files: LLaVA JSON/JSONL, OpenAI/ShareGPT messages JSONL, or Parquet; local paths, globs or s3:// URIs."""
+    """Training files: LLaVA JSON/JSONL, OpenAI/ShareGPT messages JSONL, or Parquet; local paths, globs, s3:// URIs."""
     format: Literal["auto", "llava", "messages"] = "auto"
     """Conversation format of the sources; `auto` detects it per row."""
     image_root: str | None = None
@@ -128,7 +128,8 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     """Shape of the `tiny` preset."""
     freeze: FreezePolicy = "vision_tower"
-    """`connector_only`: train only the projector (pre-training); `vision_tower`: freeze the vision tower (the paper's fine-tuning); `none`: train everything."""
+    """`connector_only`: train only the projector (pre-training); `vision_tower`: freeze the vision tower
+    (the paper's fine-tuning); `none`: train everything."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -152,7 +153,8 @@ class MaskingConfig(_Strict):
     """Which tokens carry loss, and with which weight."""
 
     mode: MaskingMode = "l2t"
-    """`response`: answers only (VIT); `l2t`: instructions too; `l2t_no_template`: instructions minus system, role and task-template tokens."""
+    """`response`: answers only (VIT); `l2t`: instructions too; `l2t_no_template`: instructions minus system,
+    role and task-template tokens."""
     lambda_instruction: float = Field(1.0, ge=0.0)
     """λ_I, the weight of instruction tokens."""
     lambda_response: float = Field(1.0, ge=0.0)
@@ -201,7 +203,8 @@ class TrainConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     """torch intra-op threads per worker (unset: torch's default); 1 is steadier on a shared machine."""
     ingest: Literal["auto", "stream", "materialize"] = "auto"
-    """`stream`: Ray Data loads images while training runs; `materialize`: load them all before the fit starts; `auto`: stream when the cluster has a CPU to spare beside the workers."""
+    """`stream`: Ray Data loads images while training runs; `materialize`: load them all before the fit starts;
+    `auto`: stream when the cluster has a CPU to spare beside the workers."""
 
     @property
     def global_batch(self) -> int:
@@ -237,7 +240,8 @@ class AshaConfig(_Strict):
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher `metric` is better."""
     grace_period: int = Field(20, ge=1)
-    """Optimizer steps a trial runs before it can be stopped (the first rung; later rungs at grace_period x reduction_factor^k steps)."""
+    """Optimizer steps a trial runs before it can be stopped (the first rung; later rungs at
+    grace_period x reduction_factor^k steps)."""
     reduction_factor: float = Field(2.0, gt=1.0)
     """Keep 1/reduction_factor of the trials at each rung."""
 

@@ -245,6 +245,7 @@ def _build(row_id: str, roles_and_texts: list[tuple[str, str]], images: tuple[st
     if placeholders != len(images):
         raise ConversationError(
             "image_placeholder_mismatch",
-            f"row {row_id!r}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in user turns but {len(images)} image(s)",
+            f"row {row_id!r}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in user turns "
+            f"but {len(images)} image(s)",
         )
     return Conversation(id=row_id, turns=tuple(turns), images=images, system=system)

@@ -2,7 +2,7 @@
 
 Preparation stores segments, never weights, so one prepared data set serves a
 whole λ grid: the training step turns segments into weights with the trial's
-masking mode and λ values (see the segment table in DESIGN.md).
+masking mode and λ values (see the segment table in docs/design.md).
 
 `encode_conversations` makes the segments: render with character pieces,
 tokenize once per batch with offsets, look every token's piece up with numpy.
@@ -70,7 +70,7 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
 def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_rows: int = 256) -> list:
     """Render, tokenize and segment a batch; one `EncodedRow` or `ConversationError` per input, in order.
 
-    The procedure (DESIGN.md, "Token segments"): render each conversation to
+    The procedure (docs/design.md, "Token segments"): render each conversation to
     text with character pieces (chat_templates.render_spans), tokenize the
     texts in one batched call with the fast tokenizer's offsets, and give
     every token the segment of the piece that holds its key character, by one
@@ -223,17 +223,7 @@ def _segment(
     starts = offsets[:, 0] + token_text_base
     ends = offsets[:, 1] + token_text_base
 
-    # Key character of each token: its first non-whitespace character, if any.
-    codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
-    keys = starts.copy()
-    moving = np.flatnonzero(starts < ends)  # tokens whose key may still move right
-    moving = moving[_is_space(codepoints[keys[moving]])]
-    while moving.size:  # one step per leading whitespace character; tokens rarely carry more than one
-        keys[moving] += 1
-        moving = moving[keys[moving] < ends[moving]]
-        moving = moving[_is_space(codepoints[keys[moving]])]
-    whitespace_only = keys >= ends
-    keys[whitespace_only] = starts[whitespace_only]
+    keys = _key_characters(texts, starts, ends)
     # An empty span at the very end of a row would otherwise point into the next row.
     np.minimum(keys, np.repeat(text_base + text_lengths - 1, token_counts), out=keys)
 
@@ -258,15 +248,8 @@ def _segment(
     misplaced_images = per_row(is_image != (segments == _IMAGE)).tolist()
     responses_per_row = per_row(segments == _RESPONSE).tolist()
 
-    # Expand each image placeholder token into its block of image tokens.
     block = spec.num_image_tokens
-    if block > 1 and images_per_row.any():
-        repeats = np.where(is_image, block, 1)
-        ids = np.repeat(ids, repeats)
-        segments = np.repeat(segments, repeats)
-    row_bounds = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(token_counts + images_per_row * (block - 1), out=row_bounds[1:])
-    row_bounds = row_bounds.tolist()
+    ids, segments, row_bounds = _expand_images(ids, segments, is_image, token_counts, images_per_row, block)
     images_per_row = images_per_row.tolist()
 
     results: list = []
@@ -277,7 +260,8 @@ def _segment(
             results.append(
                 ConversationError(
                     "image_placeholder_mismatch",
-                    f"row {row_ids[r]!r}: the image token appears outside an image placeholder (e.g. in a system prompt)",
+                    f"row {row_ids[r]!r}: the image token appears outside an image placeholder "
+                    "(e.g. in a system prompt)",
                 )
             )
         elif z - a <= max_length:
@@ -288,6 +272,43 @@ def _segment(
         else:
             results.append(_truncated(ids[a:z], segments[a:z], image_id, block, max_length, row_ids[r]))
     return results
+
+
+def _key_characters(texts, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Key character of each token (global offsets into the joined texts): its first non-whitespace
+    character, or its first character when it has none (whitespace only, or an empty span)."""
+    codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    keys = starts.copy()
+    moving = np.flatnonzero(starts < ends)  # tokens whose key may still move right
+    moving = moving[_is_space(codepoints[keys[moving]])]
+    while moving.size:  # one step per leading whitespace character; tokens rarely carry more than one
+        keys[moving] += 1
+        moving = moving[keys[moving] < ends[moving]]
+        moving = moving[_is_space(codepoints[keys[moving]])]
+    whitespace_only = keys >= ends
+    keys[whitespace_only] = starts[whitespace_only]
+    return keys
+
+
+def _expand_images(
+    ids: np.ndarray,
+    segments: np.ndarray,
+    is_image: np.ndarray,
+    token_counts: np.ndarray,
+    images_per_row: np.ndarray,
+    block: int,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Expand each image placeholder token into its block of `block` image tokens.
+
+    Returns the expanded ids and segments of the whole batch and the row bounds in them
+    (row r is [bounds[r], bounds[r + 1]))."""
+    if block > 1 and images_per_row.any():
+        repeats = np.where(is_image, block, 1)
+        ids = np.repeat(ids, repeats)
+        segments = np.repeat(segments, repeats)
+    row_bounds = np.zeros(len(token_counts) + 1, dtype=np.int64)
+    np.cumsum(token_counts + images_per_row * (block - 1), out=row_bounds[1:])
+    return ids, segments, row_bounds.tolist()
 
 
 def _truncated(ids: np.ndarray, segments: np.ndarray, image_id: int, block: int, max_length: int, row_id: str):

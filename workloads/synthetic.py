@@ -1,6 +1,6 @@
 """A visually grounded synthetic instruction set in LLaVA JSON format.
 
-No data set can be downloaded here, yet the L2T comparison (DESIGN.md) only
+No data set can be downloaded here, yet the L2T comparison (docs/design.md) only
 means something when the instructions can be predicted from the image: L2T
 trains the model to predict what is asked, which needs a data set whose
 questions are about what is in the picture. So each row is a small scene of

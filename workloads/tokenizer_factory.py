@@ -1,7 +1,7 @@
 """Train small fast tokenizers locally, shaped like the real ones the project meets.
 
 Nothing can be downloaded from a model hub here, yet the masking code (token
-segments from offset mappings, see DESIGN.md) must be exercised against the two
+segments from offset mappings, see docs/design.md) must be exercised against the two
 tokenizer families that real LLaVA-style models use:
 
 - ``byte_bpe``: byte-level BPE as in GPT-2 / Qwen2 (ByteLevel pre-tokenizer and

@@ -5,7 +5,7 @@ micro-batches and a `report` function (Ray Train's, in a cluster); a plain
 process can run it the same way (tests, benchmarks). DeepSpeed runs the
 optimizer, on CPU with gloo or on GPU with NCCL.
 
-Loss normalization (DESIGN.md): each optimizer step first gathers its
+Loss normalization (docs/design.md): each optimizer step first gathers its
 `gradient_accumulation` micro-batches, counts the trained tokens in all of
 them and all-reduces that count over ranks, so every micro-batch's loss is
 Σ w·nll / N with the step's global N. Every ZeRO stage of DeepSpeed averages
@@ -37,7 +37,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from workloads.config import ExperimentConfig, MaskingConfig, TrainConfig
 from workloads.loss import count_trained_tokens, l2t_loss
 from workloads.model import TrainingFlops, apply_freeze_policy, load_model, load_processor, mfu, torch_dtype
 from workloads.segment_codes import Segment, token_weights
@@ -52,40 +53,6 @@ from workloads.segment_codes import Segment, token_weights
 MODEL_SUBDIR = "model"
 DEEPSPEED_SUBDIR = "deepspeed"
 STATE_FILE = "l2t_state.json"
-
-
-@dataclass
-class TrainSpec:
-    """Everything one worker needs to train; plain values, built from the experiment config."""
-
-    model_path: str
-    total_steps: int
-    steps_per_epoch: int
-    mode: str = "l2t"
-    lambda_instruction: float = 1.0
-    lambda_response: float = 1.0
-    freeze: str = "vision_tower"
-    lr: float = 2e-5
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 4
-    gradient_accumulation: int = 1
-    seed: int = 0
-    use_gpu: bool = False
-    dtype: str = "auto"
-    attn_implementation: str = "auto"
-    gradient_checkpointing: bool = False
-    deepspeed_config: dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
-    checkpoint_every: int = 0
-    log_every: int = 1
-    export_model: bool = True
-    torch_threads: int | None = None
-    """torch intra-op threads per worker (None: torch's default)."""
-    fail_at_step: int | None = None
-    """Test hook: raise in rank 0 after this step, once (a file marks it done)."""
-    fail_marker: str | None = None
 
 
 def ensure_process_group(use_gpu: bool) -> tuple[int, int]:
@@ -124,14 +91,15 @@ def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int) -> Callabl
     return factor
 
 
-def deepspeed_config_for(spec: TrainSpec, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON with its `auto` values filled in from the spec."""
-    config = json.loads(json.dumps(spec.deepspeed_config))
-    config["train_micro_batch_size_per_gpu"] = spec.micro_batch_size
-    config["gradient_accumulation_steps"] = spec.gradient_accumulation
-    config["train_batch_size"] = spec.micro_batch_size * spec.gradient_accumulation * world_size
-    config["gradient_clipping"] = spec.grad_clip
-    bf16 = torch_dtype(spec.dtype, spec.use_gpu) == torch.bfloat16
+def deepspeed_config_for(
+    train: TrainConfig, deepspeed_config: dict[str, Any], bf16: bool, world_size: int
+) -> dict[str, Any]:
+    """The DeepSpeed JSON with its `auto` values filled in from the `train` section."""
+    config = json.loads(json.dumps(deepspeed_config))
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.gradient_accumulation
+    config["train_batch_size"] = train.micro_batch_size * train.gradient_accumulation * world_size
+    config["gradient_clipping"] = train.grad_clip
     config["bf16"] = {"enabled": bf16}
     config.setdefault("fp16", {"enabled": False})
     config.setdefault("steps_per_print", 10**9)
@@ -253,157 +221,197 @@ def _read_state(resume_dir: str | None) -> dict[str, Any]:
     return json.loads((Path(resume_dir) / STATE_FILE).read_text())
 
 
-def run_training(
-    spec: TrainSpec,
-    epoch_batches: Callable[[int], Iterable[dict]],
-    report: Callable[[dict[str, float], str | None], None],
-    *,
-    resume_dir: str | None = None,
-) -> dict[str, float]:
-    """Train for `spec.total_steps` optimizer steps; returns the last step's metrics.
+@dataclass
+class Engine:
+    """What one worker trains with: the DeepSpeed engine and the facts the steps need."""
 
-    `epoch_batches(epoch)` yields this rank's micro-batches for one epoch, in a
-    fixed order. `report(metrics, checkpoint_dir)` is called on every rank at
-    the same steps; `checkpoint_dir` holds this rank's files to persist.
-    """
+    engine: Any
+    scheduler: Any
+    flops: TrainingFlops
+    pad_token_id: int
+    dtype: torch.dtype
+    device: torch.device
+    device_name: str
+
+
+def build_engine(cfg: ExperimentConfig, deepspeed_config: dict[str, Any], world_size: int, total_steps: int) -> Engine:
+    """Model (`cfg.model.name_or_path`, frozen by policy), AdamW, the LR schedule, wrapped by DeepSpeed."""
     import deepspeed
 
-    rank, world_size = ensure_process_group(spec.use_gpu)
-    state = _read_state(resume_dir)
-    if state.get("final"):  # restarted after the export was reported: hand the same export back
-        return _report_final_again(state, resume_dir, rank, report)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if spec.use_gpu else "cpu")
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    torch.manual_seed(spec.seed)
-
-    dtype = torch_dtype(spec.dtype, spec.use_gpu)
+    train, use_gpu = cfg.train, cfg.train.use_gpu
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_gpu else "cpu")
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    torch.manual_seed(train.seed)
+    dtype = torch_dtype(cfg.model.dtype, use_gpu)
     model = load_model(
-        spec.model_path,
+        cfg.model.name_or_path,
         dtype=dtype,
-        attn_implementation=spec.attn_implementation,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        use_gpu=spec.use_gpu,
+        attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        use_gpu=use_gpu,
     )
-    apply_freeze_policy(model, spec.freeze)
-    flops = TrainingFlops.of(model)
-    pad_token_id = model.config.get_text_config().pad_token_id or 0
+    apply_freeze_policy(model, cfg.model.freeze)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
-    warmup = int(round(spec.warmup_ratio * spec.total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(spec.lr_schedule, warmup, spec.total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    factor = lr_multiplier(train.lr_schedule, train.warmup_steps(total_steps), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config_for(spec, world_size),
+        config=deepspeed_config_for(train, deepspeed_config, dtype == torch.bfloat16, world_size),
         dist_init_required=False,
     )
+    return Engine(
+        engine=engine,
+        scheduler=scheduler,
+        flops=TrainingFlops.of(model),
+        pad_token_id=model.config.get_text_config().pad_token_id or 0,
+        dtype=dtype,
+        device=device,
+        device_name=torch.cuda.get_device_name() if use_gpu else "cpu",
+    )
 
+
+def run_training(
+    cfg: ExperimentConfig,
+    epoch_batches: Callable[[int, int], Iterable[dict]],
+    report: Callable[[dict[str, float], str | None], None],
+    *,
+    rows: int,
+    deepspeed_config: dict[str, Any],
+    resume_dir: str | None = None,
+    export_model: bool = True,
+) -> dict[str, float]:
+    """Train `cfg` (model from `cfg.model.name_or_path`) on `rows` prepared rows; returns the last step's metrics.
+
+    `epoch_batches(epoch, skip)` yields this rank's micro-batches of one epoch
+    in a fixed order, starting after the first `skip` (a resumed run's epoch
+    starts where its checkpoint stopped, so the caller need not load what it
+    skips). `report(metrics, checkpoint_dir)` is called on every rank at the
+    same steps; `checkpoint_dir` holds this rank's files to persist.
+    """
+    rank, world_size = ensure_process_group(cfg.train.use_gpu)
+    state = _read_state(resume_dir)
+    if state.get("final"):  # restarted after the export was reported: hand the same export back
+        return _report_final_again(state, resume_dir, rank, report)
+    train = cfg.train
+    total_steps, steps_per_epoch = train.total_steps(rows), train.steps_per_epoch(rows)
+    built = build_engine(cfg, deepspeed_config, world_size, total_steps)
     step = int(state["step"])
     if step:
-        engine.load_checkpoint(str(Path(resume_dir) / DEEPSPEED_SUBDIR), tag=f"step{step}")
+        built.engine.load_checkpoint(str(Path(resume_dir) / DEEPSPEED_SUBDIR), tag=f"step{step}")
 
-    gas = spec.gradient_accumulation
     metrics: dict[str, float] = {}
-    device_name = torch.cuda.get_device_name() if spec.use_gpu else "cpu"
-    # A resumed run re-reads its epoch from the start and skips what the checkpoint already trained on.
-    epoch, steps_this_epoch = divmod(step, spec.steps_per_epoch)
     clock = _Clock()
-
-    while step < spec.total_steps:
-        iterator = iter(epoch_batches(epoch))
-        for _ in range(steps_this_epoch * gas):
-            next(iterator, None)
-        for group in _steps_of(iterator, gas):
-            # 1. batch: this rank's micro-batches of the step; N = trained tokens of the whole global batch
-            batches = [collate(b, pad_token_id, device) for b in group]
-            weights = [
-                token_weights(b["segments"], spec.mode, spec.lambda_instruction, spec.lambda_response) for b in batches
-            ]
-            trained_here = sum(count_trained_tokens(w) for w in weights).double()
-            trained_tokens = _all_reduce_sum(trained_here.clone())
-
-            plain_norm = None
-            tally = []
-            for batch, weight in zip(batches, weights):
-                # 2. forward
-                pixel_values = batch.get("pixel_values")
-                outputs = engine(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=None if pixel_values is None else pixel_values.to(dtype),
-                )
-                # 3. λ loss: Σ w·nll / N
-                parts = l2t_loss(outputs.logits, batch["input_ids"], batch["segments"], weight, trained_tokens)
-                # 4. backward: undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by gas
-                engine.backward(parts.loss * world_size, scale_wrt_gas=False)
-                # 5. step: DeepSpeed reduces gradients and updates at the accumulation boundary
-                if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-                    plain_norm = _grad_norm(engine)  # ZeRO-0 in fp32 clips without keeping the norm
-                engine.step()
-                tally.append(_tally(parts, batch))
+    epoch, steps_this_epoch = divmod(step, steps_per_epoch)
+    while step < total_steps:
+        micro_batches = epoch_batches(epoch, steps_this_epoch * train.gradient_accumulation)
+        for group in _steps_of(iter(micro_batches), train.gradient_accumulation):
+            totals = train_step(built, group, cfg.masking, world_size)
             step += 1
             steps_this_epoch += 1
-
-            # 6. report (one host sync per step)
-            totals = dict(zip(TALLY, _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()))
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": totals["loss"],
-                "loss_instruction": totals["nll_instruction"] / totals["tokens_instruction"]
-                if totals["tokens_instruction"]
-                else math.nan,
-                "loss_response": totals["nll_response"] / totals["tokens_response"]
-                if totals["tokens_response"]
-                else math.nan,
-                "tokens_instruction": totals["tokens_instruction"],
-                "tokens_response": totals["tokens_response"],
-                "trained_tokens": float(trained_tokens),
-                "trained_tokens_rank": float(trained_here),
-                "grad_norm": float(plain_norm if grad_norm is None else grad_norm),
-                "lr": scheduler.get_last_lr()[0] if scheduler is not None else spec.lr,
-                **clock.lap(totals["tokens"], totals["samples"], totals["positions"]),
-            }
-            if spec.use_gpu:
-                step_flops = flops.step(totals["tokens"], totals["length_squared"], int(totals["images"]))
-                metrics["mfu"] = mfu(step_flops, metrics["step_time_s"], world_size, device_name)
-
-            checkpoint_due = spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.total_steps
-            if checkpoint_due:
-                with tempfile.TemporaryDirectory(prefix="l2t-ckpt-") as tmp:
-                    engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_SUBDIR), tag=f"step{step}")
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
-                    report(metrics, tmp)
-            elif step % spec.log_every == 0 and step < spec.total_steps:
-                report(metrics, None)
-
-            if spec.fail_at_step is not None and step == spec.fail_at_step and rank == 0:
-                marker = Path(spec.fail_marker or Path(tempfile.gettempdir()) / "l2t-fail-marker")
-                if not marker.exists():
-                    marker.write_text(str(step))
-                    raise RuntimeError(f"injected failure after step {step}")
-            if step >= spec.total_steps or steps_this_epoch >= spec.steps_per_epoch:
+            metrics = step_metrics(built, totals, step, epoch, clock, world_size, train)
+            _report_step(built.engine, train, step, total_steps, metrics, report)
+            if step >= total_steps or steps_this_epoch >= steps_per_epoch:
                 break
         epoch += 1
         steps_this_epoch = 0
 
-    _export(engine, spec, rank, metrics, report)
+    _export(built.engine, cfg.model.name_or_path, rank, metrics, report, export_model)
     return metrics
 
 
-def _export(engine, spec: TrainSpec, rank: int, metrics: dict[str, float], report) -> None:
+def train_step(built: Engine, group: list[dict], masking: MaskingConfig, world_size: int) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; the step's sums over all ranks (`TALLY` keys and more)."""
+    engine = built.engine
+    # 1. batch: this rank's micro-batches of the step; N = trained tokens of the whole global batch
+    batches = [collate(b, built.pad_token_id, built.device) for b in group]
+    weights = [
+        token_weights(b["segments"], masking.mode, masking.lambda_instruction, masking.lambda_response) for b in batches
+    ]
+    trained_here = sum(count_trained_tokens(w) for w in weights).double()
+    trained_tokens = _all_reduce_sum(trained_here.clone())
+    plain_norm = None
+    tally = []
+    for batch, weight in zip(batches, weights):
+        # 2. forward
+        pixel_values = batch.get("pixel_values")
+        outputs = engine(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=None if pixel_values is None else pixel_values.to(built.dtype),
+        )
+        # 3. λ loss: Σ w·nll / N
+        parts = l2t_loss(outputs.logits, batch["input_ids"], batch["segments"], weight, trained_tokens)
+        # 4. backward: undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by gas
+        engine.backward(parts.loss * world_size, scale_wrt_gas=False)
+        # 5. step: DeepSpeed reduces gradients and updates at the accumulation boundary
+        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            plain_norm = _grad_norm(engine)  # ZeRO-0 in fp32 clips without keeping the norm
+        engine.step()
+        tally.append(_tally(parts, batch))
+    # one host sync per step
+    totals = dict(zip(TALLY, _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()))
+    grad_norm = engine.get_global_grad_norm()
+    totals["grad_norm"] = float(plain_norm if grad_norm is None else grad_norm)
+    totals["trained_tokens"] = float(trained_tokens)
+    totals["trained_tokens_rank"] = float(trained_here)
+    return totals
+
+
+def step_metrics(
+    built: Engine, totals: dict[str, float], step: int, epoch: int, clock: _Clock, world_size: int, train: TrainConfig
+) -> dict[str, float]:
+    """What a step reports: losses per segment group, token counts, throughput, padding, lr (and MFU on GPU)."""
+    metrics = {
+        "step": step,
+        "epoch": epoch,
+        "loss": totals["loss"],
+        "loss_instruction": _mean(totals["nll_instruction"], totals["tokens_instruction"]),
+        "loss_response": _mean(totals["nll_response"], totals["tokens_response"]),
+        "tokens_instruction": totals["tokens_instruction"],
+        "tokens_response": totals["tokens_response"],
+        "trained_tokens": totals["trained_tokens"],
+        "trained_tokens_rank": totals["trained_tokens_rank"],
+        "grad_norm": totals["grad_norm"],
+        "lr": built.scheduler.get_last_lr()[0] if built.scheduler is not None else train.lr,
+        **clock.lap(totals["tokens"], totals["samples"], totals["positions"]),
+    }
+    if train.use_gpu:
+        step_flops = built.flops.step(totals["tokens"], totals["length_squared"], int(totals["images"]))
+        metrics["mfu"] = mfu(step_flops, metrics["step_time_s"], world_size, built.device_name)
+    return metrics
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else math.nan
+
+
+def _report_step(engine, train: TrainConfig, step: int, total_steps: int, metrics: dict[str, float], report) -> None:
+    """Report every `log_every` steps; every `checkpoint_every` steps with a resumable checkpoint."""
+    if step >= total_steps:
+        return  # the final step is reported with the export
+    if train.checkpoint_every and step % train.checkpoint_every == 0:
+        with tempfile.TemporaryDirectory(prefix="l2t-ckpt-") as tmp:
+            engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_SUBDIR), tag=f"step{step}")
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
+            report(metrics, tmp)
+    elif step % train.log_every == 0:
+        report(metrics, None)
+
+
+def _export(engine, model_path: str, rank: int, metrics: dict[str, float], report, export_model: bool) -> None:
     """The final model as a `save_pretrained` folder (with the processor), reported by rank 0."""
     zero3 = engine.zero_optimization_stage() == 3
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     with tempfile.TemporaryDirectory(prefix="l2t-export-") as tmp:
         checkpoint_dir = None
-        if rank == 0 and spec.export_model:
+        if rank == 0 and export_model:
             target = Path(tmp) / MODEL_SUBDIR
             engine.module.save_pretrained(target, state_dict=state_dict)
-            load_processor(spec.model_path).save_pretrained(target)
+            load_processor(model_path).save_pretrained(target)
             (Path(tmp) / STATE_FILE).write_text(
                 json.dumps({"step": int(metrics.get("step", 0)), "final": True, "metrics": metrics})
             )

@@ -1,0 +1,35 @@
+"""A run's mask example: its first prepared rows as HTML, each token colored by segment, with the run's weights.
+
+Logged with every training run, so the weights a run trained with can be
+seen beside its curves.
+"""
+
+from __future__ import annotations
+
+from orchestrator import storage
+from orchestrator.config import ExperimentConfig
+from orchestrator.prepare import PreparedData
+
+
+def mask_example_html(
+    cfg: ExperimentConfig, prepared: PreparedData, model_dir: str, out_uri: str, rows: int = 3
+) -> str:
+    """Write a standalone HTML page of the first `rows` prepared rows to `out_uri`; returns it."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    from transformers import AutoTokenizer
+
+    from workloads.mask_inspect import inspect_rows, to_html
+    from workloads.segments import EncodedRow
+
+    fs, path = storage.filesystem(prepared.shards)
+    table = pads.dataset(path, filesystem=fs, format="parquet").head(rows, columns=["id", "input_ids", "segments"])
+    encoded = [
+        (r["id"], EncodedRow(np.asarray(r["input_ids"], np.int32), np.asarray(r["segments"], np.int8), False, 0))
+        for r in table.to_pylist()
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    m = cfg.masking
+    page = to_html(inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response))
+    storage.write_text(out_uri, page)
+    return out_uri
