@@ -1,36 +1,32 @@
-"""The science check: VIT vs L2T vs L2T without templates, several seeds, equal compute.
+"""The science check: the paper's ablation ladder (VIT .. L2T) and a second λ_I, several seeds, equal compute.
 
-Run: ``python benchmarks/science.py [--seeds 3] [--steps 300] [--batch 32] [--lr 2e-3]``
+Run: ``python benchmarks/science.py [--seeds 3] [--steps 300] [--batch 32] [--lr 2e-3] [--arms ...]``
 
-For every seed and masking mode (``response`` = the VIT baseline, ``l2t``,
-``l2t_no_template``; λ_I = λ_A = 1), the tiny LLaVA (CLIP-style tower, Llama-style
-LM, tokenizer trained on the corpus; initial weights drawn from the seed) is
-trained on the same synthetic set for the same number of optimizer steps, batch
-size, learning rate and schedule, and evaluated on the same held-out synthetic
-suite (disjoint scenes; captioning, color, shape, counting and POPE-style
-questions). Equal compute: the three modes differ only in which tokens carry
-loss, so every run does the same forward and backward passes.
+For every seed and arm (``response`` = the VIT baseline, ``l2t_full``, ``l2t_no_system``, ``l2t`` = the
+paper's method, at λ_I = λ_A = 1, and ``l2t@0.5`` = the paper's method at λ_I = 0.5), the tiny LLaVA
+(CLIP-style tower, Llama-style LM, tokenizer trained on the corpus; initial weights drawn from the seed) is
+trained on the same synthetic set (the scenes world by default: multi-object scenes, a long tail of
+image-specific questions, long descriptive and reasoning answers; see workloads/synthetic_scenes.py) for
+the same number of optimizer steps, batch size, learning rate and schedule, and evaluated on the same
+held-out synthetic suite (disjoint scenes). Equal compute: the arms differ only in which tokens carry loss
+and with which weight, so every run does the same forward and backward passes.
 
-Training runs in this process with the project's own per-worker loop
-(``workloads.train_loop.run_training``: DeepSpeed ZeRO-0 on CPU, gloo, one rank,
-the λ loss normalized per step, AdamW, warm-up + cosine) fed by micro-batches
-built the way the Ray Data stage builds them; evaluation is
-``workloads.evaluator.Evaluator``, the code the Ray Data actors run, in this
-process. No Ray: on a 2-core machine a cluster would only add start-up time.
+Training runs in this process with the project's own per-worker loop (``workloads.train_loop.run_training``:
+DeepSpeed ZeRO-0 on CPU, one rank) fed by micro-batches built the way the Ray Data stage builds them;
+evaluation is ``workloads.evaluator.Evaluator``, the code the Ray Data actors run. No Ray: on a 2-core
+machine a cluster would only add start-up time.
 
-Reported, as mean ± sample std over seeds, per mode: visual contribution per
-token (``vc_mean``, V=∅ = noise) and per sample (``vc_sum``), caption CIDEr-D
-and BLEU-4, VQA accuracy (mean score over the short-answer questions) and by
-kind, POPE F1, CHAIR (object = colored shape: ``chair_i``; shapes only:
-``chair_i_shape``), the final training losses. Writes
-``benchmarks/results/science.json`` with every run and the summary. Differences
-between modes are also given per seed (paired: same initial weights and data
-order), with their mean ± std.
+Reported per arm, as mean ± sample std over seeds: visual contribution per token (``vc_mean``, V=∅ = noise)
+and per sample, caption CIDEr-D and BLEU-4, VQA accuracy and by kind, POPE, CHAIR, the final training
+losses; and against ``response`` the paired difference with a 95% interval over seeds and evaluation
+questions (hierarchical bootstrap, ``orchestrator.study_statistics``) for accuracy, VC, CIDEr, CHAIR and POPE
+F1. Writes ``benchmarks/results/science.json`` with every run, the summary and the intervals.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +40,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ("response", "l2t", "l2t_no_template")
+MODES = ("response", "l2t_full", "l2t_no_system", "l2t")
+ARMS = ("response", "l2t_full", "l2t_no_system", "l2t", "l2t@0.5")
+"""`mode` or `mode@λ_I`: the ladder at λ_I = λ_A = 1, and the paper's method at a second λ_I."""
+INTERVAL_METRICS = ("accuracy", "vc_mean", "caption_cider", "chair_i", "pope_f1")
+
+
+def parse_arm(arm: str) -> tuple[str, float]:
+    mode, _, lam = arm.partition("@")
+    if mode not in MODES:
+        raise SystemExit(f"--arms: unknown mode {mode!r} in {arm!r}; expected one of {MODES}")
+    return mode, float(lam) if lam else 1.0
+
+
 REPORTED = (
     "vc_mean",
     "vc_sum",
@@ -93,7 +101,8 @@ def build_inputs(args, work: Path):
         seed=args.data_seed,
         max_objects=args.max_objects,
         image_size=32,
-        kinds=tuple(args.kinds),
+        kinds=tuple(args.kinds) if args.kinds else None,
+        world=args.world,
     )
     records = [json.loads(line) for line in data.train_file.read_text().splitlines()]
     conversations = [parse_record(r) for r in records]
@@ -111,7 +120,7 @@ def build_inputs(args, work: Path):
     from transformers import AutoConfig
 
     spec = EncodeSpec(
-        "vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dirs[0])), 128, task_templates=templates
+        "vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dirs[0])), 192, task_templates=templates
     )
     encoded = encode_conversations(conversations, tokenizer, spec)
     rows = []
@@ -145,7 +154,7 @@ def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]
     return out
 
 
-def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out: Path) -> dict:
+def train_one(model_dir: Path, rows: list[dict], arm: str, seed: int, args, out: Path) -> dict:
     """One run of workloads' training loop; the exported model lands in `out`."""
     from orchestrator.config import config_from_dict
     from workloads.train_loop import MODEL_SUBDIR, run_training
@@ -169,7 +178,7 @@ def train_one(model_dir: Path, rows: list[dict], mode: str, seed: int, args, out
         {
             "data": {"sources": ["rows-in-memory.jsonl"]},  # the rows are handed over in memory
             "model": {"name_or_path": str(model_dir), "freeze": "none"},
-            "masking": {"mode": mode, "lambda_instruction": 1.0, "lambda_response": 1.0},
+            "masking": {"mode": parse_arm(arm)[0], "lambda_instruction": parse_arm(arm)[1], "lambda_response": 1.0},
             "train": {
                 "max_steps": args.steps,
                 "lr": args.lr,
@@ -205,12 +214,13 @@ def evaluate_one(model_dir: Path, spec, questions, image_root, args) -> tuple[di
 
     started = time.perf_counter()
     evaluator = Evaluator.from_pretrained(
-        str(model_dir), spec, image_root=image_root, null_image="noise", max_new_tokens=24, seed=0
+        str(model_dir), spec, image_root=image_root, null_image="noise", max_new_tokens=48, seed=0
     )
     samples = []
     for start in range(0, len(questions), 50):
         samples.extend(evaluator(questions[start : start + 50]))
-    return summarize(samples, chair_vocabularies=synthetic_chair_vocabularies()), time.perf_counter() - started
+    metrics = summarize(samples, chair_vocabularies=synthetic_chair_vocabularies())
+    return metrics, [dataclasses.asdict(s) for s in samples], time.perf_counter() - started
 
 
 def main() -> None:
@@ -221,9 +231,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--train-rows", type=int, default=4000)
     parser.add_argument("--eval-rows", type=int, default=300)
-    parser.add_argument("--max-objects", type=int, default=1)
-    parser.add_argument("--kinds", nargs="+", default=["caption", "color", "shape", "count", "exists"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--world", default="scenes", choices=("scenes", "shapes"))
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", default=None, help="kinds to generate (default: the world's mix)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), help="mode or mode@λ_I (baseline: response)")
+    parser.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of each interval")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--template-top-k", type=int, default=10)
     parser.add_argument(
@@ -247,7 +259,6 @@ def main() -> None:
     import torch
 
     from workloads.eval_questions import synthetic_questions
-    from workloads.eval_summary import mean_std
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,20 +271,24 @@ def main() -> None:
         rows=args.eval_rows,
         seed=args.data_seed,
         max_objects=args.max_objects,
-        kinds=[k for k in args.kinds if k != "multi_turn"],
+        kinds=[k for k in args.kinds if k != "multi_turn"] if args.kinds else None,
+        world=args.world,
     )
     print(
         f"{len(rows)} training rows, {len(questions)} held-out questions, task templates {list(templates)}", flush=True
     )
 
-    runs = []
+    runs, samples = [], {}
     for seed in range(args.seeds):
-        for mode in args.modes:
-            out = work / "runs" / f"{mode}-seed{seed}"
-            trained = train_one(model_dirs[seed], rows, mode, seed, args, out)
-            metrics, eval_s = evaluate_one(out, spec, questions, image_root, args)
+        for arm in args.arms:
+            out = work / "runs" / f"{arm}-seed{seed}"
+            trained = train_one(model_dirs[seed], rows, arm, seed, args, out)
+            metrics, rows_out, eval_s = evaluate_one(out, spec, questions, image_root, args)
+            samples[(arm, seed)] = rows_out
             run = {
-                "mode": mode,
+                "arm": arm,
+                "mode": parse_arm(arm)[0],
+                "lambda_instruction": parse_arm(arm)[1],
                 "seed": seed,
                 **{k: v for k, v in trained.items() if k != "curve"},
                 "eval_s": eval_s,
@@ -282,45 +297,15 @@ def main() -> None:
             }
             runs.append(run)
             print(
-                f"seed {seed} {mode:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  "
+                f"seed {seed} {arm:16s} VC/token {metrics.get('vc_mean', float('nan')):+.3f}  "
                 f"CIDEr {metrics.get('caption_cider', float('nan')):.3f}  "
                 f"acc {metrics.get('accuracy', float('nan')):.3f}  CHAIR_i {metrics.get('chair_i', float('nan')):.3f}  "
                 f"loss_r {trained['loss_response']:.3f}  ({trained['train_s']:.0f} s train, {eval_s:.0f} s eval)",
                 flush=True,
             )
 
-    summary: dict[str, dict] = {}
-    for mode in args.modes:
-        mine = [r for r in runs if r["mode"] == mode]
-        entry = {}
-        for key in REPORTED:
-            values = [r["metrics"][key] for r in mine if key in r["metrics"]]
-            if values:
-                mean, std = mean_std(values)
-                entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
-        for key in TRAINING:
-            mean, std = mean_std([r[key] for r in mine])
-            entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
-        summary[mode] = entry
-    paired: dict[str, dict] = {}
-    if "response" in args.modes:
-        for mode in (m for m in args.modes if m != "response"):
-            paired[f"{mode}-minus-response"] = {}
-            for key in ("vc_mean", "vc_sum", "caption_cider", "accuracy", "chair_i", "chair_i_shape", "pope_f1"):
-                diffs = []
-                for seed in range(args.seeds):
-                    a = next(r for r in runs if r["mode"] == mode and r["seed"] == seed)["metrics"].get(key)
-                    b = next(r for r in runs if r["mode"] == "response" and r["seed"] == seed)["metrics"].get(key)
-                    if a is not None and b is not None:
-                        diffs.append(a - b)
-                if diffs:
-                    mean, std = mean_std(diffs)
-                    paired[f"{mode}-minus-response"][key] = {
-                        "mean": round(mean, 4),
-                        "std": round(std, 4),
-                        "per_seed": [round(d, 4) for d in diffs],
-                    }
-
+    summary = {arm: arm_summary([r for r in runs if r["arm"] == arm]) for arm in args.arms}
+    paired = paired_intervals(samples, args) if "response" in args.arms else {}
     result = {
         "setup": {
             "seeds": args.seeds,
@@ -328,8 +313,12 @@ def main() -> None:
             "batch": args.batch,
             "lr": args.lr,
             "schedule": "cosine, 5% warm-up",
-            "lambda_instruction": 1.0,
+            "arms": args.arms,
+            "baseline": "response",
             "lambda_response": 1.0,
+            "world": args.world,
+            "intervals": "paired 95%, hierarchical bootstrap over seeds then questions "
+            f"(orchestrator.study_statistics, {args.replicates} replicates)",
             "train_rows": len(rows),
             "eval_questions": len(questions),
             "max_objects": args.max_objects,
@@ -342,10 +331,10 @@ def main() -> None:
             "freeze": "none",
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "trained_tokens": trained_token_shares(rows, args.modes),
+            "trained_tokens": trained_token_shares(rows, sorted({parse_arm(a)[0] for a in args.arms})),
         },
         "summary": summary,
-        "paired_differences": paired,
+        "paired_vs_response": paired,
         "runs": runs,
         "wall_s": round(time.perf_counter() - started, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -353,22 +342,53 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{'metric':18s}" + "".join(f"{m:>22s}" for m in args.modes))
-    for key in (
-        "vc_mean",
-        "vc_sum",
-        "caption_cider",
-        "caption_bleu4",
-        "accuracy",
-        "pope_f1",
-        "chair_i",
-        "chair_i_shape",
-        "loss_response",
-        "train_s",
-    ):
-        cells = [summary[m].get(key) for m in args.modes]
+    print(f"\n{'metric':18s}" + "".join(f"{m:>22s}" for m in args.arms))
+    for key in ("vc_mean", "caption_cider", "accuracy", "pope_f1", "chair_i", "loss_response", "train_s"):
+        cells = [summary[m].get(key) for m in args.arms]
         print(f"{key:18s}" + "".join(f"{c['mean']:>13.3f} ± {c['std']:<6.3f}" if c else f"{'-':>22s}" for c in cells))
-    print(f"wrote {args.out} in {result['wall_s']:.0f} s (load average {result['load_average']})")
+    for arm, entry in paired.items():
+        print(f"{arm} - response: " + "; ".join(f"{k} {v['text']}" for k, v in entry.items()))
+    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+
+
+def arm_summary(mine: list[dict]) -> dict:
+    """Mean ± sample std over seeds of every reported metric and training figure."""
+    from orchestrator.study_statistics import mean_std
+
+    entry = {}
+    for key in REPORTED:
+        values = [r["metrics"][key] for r in mine if key in r["metrics"]]
+        if values:
+            mean, std = mean_std(values)
+            entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
+    for key in TRAINING:
+        mean, std = mean_std([r[key] for r in mine])
+        entry[key] = {"mean": round(mean, 4), "std": round(std, 4)}
+    return entry
+
+
+def paired_intervals(samples: dict, args) -> dict:
+    """Each arm minus `response`: the paired difference with its 95% interval over seeds and questions."""
+    from orchestrator.study_statistics import paired_difference
+
+    base = {seed: samples[("response", seed)] for seed in range(args.seeds)}
+    out = {}
+    for arm in (a for a in args.arms if a != "response"):
+        mine = {seed: samples[(arm, seed)] for seed in range(args.seeds)}
+        out[arm] = {}
+        for metric in INTERVAL_METRICS:
+            try:
+                d = paired_difference(mine, base, metric, replicates=args.replicates)
+            except ValueError:
+                continue
+            out[arm][metric] = {
+                "difference": round(d.difference, 4),
+                "low": round(d.low, 4),
+                "high": round(d.high, 4),
+                "excludes_zero": d.excludes_zero,
+                "text": d.text(),
+            }
+    return out
 
 
 if __name__ == "__main__":

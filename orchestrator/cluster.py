@@ -15,18 +15,28 @@ import os
 DATA_CPU_RESERVE = 0.5
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS / `address` if given, else start a local cluster on this machine."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> None:
+    """Join RAY_ADDRESS / `address` if given, else start a local cluster on this machine.
+
+    Not `verbose`: the workers' output stays in Ray's session logs (their folder is printed) instead of
+    being forwarded to this console, and Ray's own log records go to `console.quiet_logs`'s file.
+    """
     import ray
+
+    from orchestrator import console
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {} if verbose else {"log_to_driver": False}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)  # the dashboard serves Train's state API
+        ray.init(address=address, logging_level=logging.WARNING, **quiet)
+    else:  # the dashboard serves Train's state API
+        ray.init(num_cpus=num_cpus, logging_level=logging.WARNING, **quiet)
+    if not verbose:
+        console.redirect_loggers()
+        console.log(f"[ray] logs: {console.log_file() or 'Ray only'}; workers' logs in {_session_logs()} (-v: live)")
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -34,6 +44,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
     # l2t logs its own progress lines; Ray Data's bars, redrawn by every worker and forwarded to
     # the driver, turn job logs and CI output into pages of terminal escape codes.
     context.enable_progress_bars = False
+
+
+def _session_logs() -> str:
+    try:
+        import ray._private.worker as worker
+
+        return worker._global_node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API: say where it usually is
+        return "/tmp/ray/session_latest/logs"
 
 
 def cluster_cpus() -> float:

@@ -3,6 +3,10 @@
 A table of trials by metric with the best value highlighted, a λ_I x λ_A
 heatmap per metric (cells average the runs that share a λ pair), and the
 training curves, written as PNG and CSV and logged to the sweep's parent run.
+Trials that differ only in their seed form an arm (`orchestrator.study_report`):
+each arm's mean ± std over seeds, and with `--baseline key=value` the paired
+difference of every arm against the baseline arm with a 95% interval over
+seeds and evaluation questions; `report.md` and `report.html` hold it all.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+from orchestrator.study_report import Arm, compare_to_baseline, error_bars, group_arms, pick_baseline, write_report
 
 DEFAULT_METRICS = ("eval/accuracy", "eval/vc_mean", "eval/caption_cider", "train/loss_response")
 LAMBDA_I = "masking.lambda_instruction"
@@ -29,6 +35,8 @@ class Comparison:
     best: dict[str, str] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     parent_run_id: str | None = None
+    arms: list[Arm] = field(default_factory=list)
+    baseline: Arm | None = None
 
 
 def lower_is_better(metric: str) -> bool:
@@ -37,17 +45,26 @@ def lower_is_better(metric: str) -> bool:
 
 
 def find_runs(name: str, experiment: str | None = None) -> tuple[str, str | None, list]:
-    """Child runs of the sweep `name` (its parent run), or every trial run of the experiment `name`."""
+    """Child runs of the sweep `name` (its parent run; a unique prefix of the sweep's name will do, e.g.
+    `lambda-grid` for `lambda-grid-sweep-<hash>`), or every trial run of the experiment `name`."""
     import mlflow
 
     client = mlflow.tracking.MlflowClient()
     experiments = client.search_experiments()
     ids = [e.experiment_id for e in experiments if experiment is None or e.name == experiment]
-    parents = mlflow.search_runs(
-        experiment_ids=ids,
-        filter_string=f"tags.`l2t.sweep` = '{name}' and tags.`l2t.kind` = 'parent'",
-        output_format="list",
-    ) or mlflow.search_runs(experiment_ids=ids, filter_string=f"tags.mlflow.runName = '{name}'", output_format="list")
+    parents = (
+        mlflow.search_runs(
+            experiment_ids=ids,
+            filter_string=f"tags.`l2t.sweep` = '{name}' and tags.`l2t.kind` = 'parent'",
+            output_format="list",
+        )
+        or mlflow.search_runs(experiment_ids=ids, filter_string=f"tags.mlflow.runName = '{name}'", output_format="list")
+        if ids
+        else []
+    )
+    by_name = [e for e in experiments if e.name == name]
+    if not parents and not by_name:
+        parents = _sweeps_by_prefix(name, ids)
     if parents:
         parent = parents[0]
         children = mlflow.search_runs(
@@ -55,14 +72,40 @@ def find_runs(name: str, experiment: str | None = None) -> tuple[str, str | None
             filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
             output_format="list",
         )
-        return f"sweep {name}", parent.info.run_id, children
-    by_name = [e for e in experiments if e.name == name]
+        return f"sweep {parent.data.tags.get('l2t.sweep', name)}", parent.info.run_id, children
     if not by_name:
-        raise LookupError(f"no sweep (parent run) and no MLflow experiment named {name!r}")
+        raise LookupError(f"no sweep (parent run) and no MLflow experiment named {name!r}{_candidates(ids)}")
     runs = mlflow.search_runs(
         experiment_ids=[by_name[0].experiment_id], filter_string="tags.`l2t.kind` = 'trial'", output_format="list"
     )
     return f"experiment {name}", None, runs
+
+
+def _sweep_parents(ids: list[str]) -> list:
+    import mlflow
+
+    if not ids:
+        return []
+    return mlflow.search_runs(
+        experiment_ids=ids, filter_string="tags.`l2t.kind` = 'parent'", output_format="list", max_results=1000
+    )
+
+
+def _sweeps_by_prefix(name: str, ids: list[str]) -> list:
+    """The parent run of the one sweep whose name starts with `name` (newest first); LookupError naming the
+    candidates when several sweeps do."""
+    matches = [r for r in _sweep_parents(ids) if r.data.tags.get("l2t.sweep", "").startswith(name)]
+    names = sorted({r.data.tags["l2t.sweep"] for r in matches})
+    if len(names) > 1:
+        raise LookupError(f"{name!r} matches several sweeps: {', '.join(names)}; give more of the name")
+    return sorted(matches, key=lambda r: r.info.start_time or 0, reverse=True)
+
+
+def _candidates(ids: list[str]) -> str:
+    names = sorted({r.data.tags.get("l2t.sweep") for r in _sweep_parents(ids)} - {None})
+    if not names:
+        return " (no sweeps in this store yet)"
+    return "; sweeps here: " + ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def _row(run) -> dict[str, Any]:
@@ -74,19 +117,30 @@ def _row(run) -> dict[str, Any]:
         LAMBDA_I: float(params.get(LAMBDA_I, "nan")),
         LAMBDA_A: float(params.get(LAMBDA_A, "nan")),
         "status": run.data.tags.get("l2t.trial_status", run.info.status.lower()),
+        "seed": int(float(params.get("train.seed", 0))),
+        "point": run.data.tags.get("l2t.point", ""),
     }
     row.update(run.data.metrics)
     return row
 
 
-def compare(name: str, output: Path, *, metrics: list[str] | None = None, experiment: str | None = None) -> Comparison:
-    """Build the table and plots for `name`; files go to `output` and to the parent run when there is one."""
+def compare(
+    name: str,
+    output: Path,
+    *,
+    metrics: list[str] | None = None,
+    experiment: str | None = None,
+    baseline: str | None = None,
+    replicates: int = 1000,
+) -> Comparison:
+    """Build the table, the arms, the plots and the report for `name`; files go to `output` and to the
+    parent run when there is one. `baseline`: `key=value` picking the arm the others are compared with."""
     import mlflow
 
     title, parent_id, runs = find_runs(name, experiment)
     if not runs:
         raise LookupError(f"{title} has no runs yet")
-    rows = sorted((_row(r) for r in runs), key=lambda r: (r["mode"], r[LAMBDA_I], r[LAMBDA_A], r["run"]))
+    rows = sorted((_row(r) for r in runs), key=lambda r: (r["mode"], r[LAMBDA_I], r[LAMBDA_A], r["seed"], r["run"]))
     metrics = [m for m in (metrics or DEFAULT_METRICS) if any(m in r for r in rows)]
     result = Comparison(title=title, runs=rows, metrics=metrics, parent_run_id=parent_id)
     for metric in metrics:
@@ -94,21 +148,46 @@ def compare(name: str, output: Path, *, metrics: list[str] | None = None, experi
         if scored:
             pick = min if lower_is_better(metric) else max
             result.best[metric] = pick(scored, key=lambda r: r[metric])["run"]
+    result.arms = group_arms(rows, metrics)
+    if baseline:
+        result.baseline = pick_baseline(result.arms, baseline)
+        compare_to_baseline(result.arms, result.baseline, metrics, _eval_samples, replicates=replicates)
 
     output.mkdir(parents=True, exist_ok=True)
     result.files.append(str(_write_csv(rows, metrics, output / "comparison.csv")))
+    plots = []
     for metric in metrics:
-        path = _heatmap(rows, metric, output / f"heatmap_{metric.replace('/', '_')}.png")
-        if path:
-            result.files.append(str(path))
-    curves = _curves(runs, output / "training_curves.png")
-    if curves:
-        result.files.append(str(curves))
+        path = _heatmap(rows, metric, output / f"heatmap_{metric.replace('/', '_')}.png", result)
+        plots.append(path)
+        if metric.startswith("eval/"):
+            plots.append(
+                error_bars(result.arms, metric, output / f"arms_{metric.replace('/', '_')}.png", result.baseline)
+            )
+    plots.append(_curves(runs, output / "training_curves.png"))
+    plots = [p for p in plots if p]
+    result.files += [str(p) for p in plots]
+    result.files += [str(p) for p in write_report(title, result.arms, metrics, result.baseline, output, plots)]
     if parent_id:
         client = mlflow.tracking.MlflowClient()
         for path in result.files:
             client.log_artifact(parent_id, path, artifact_path="compare")
     return result
+
+
+def _eval_samples(row: dict[str, Any]) -> list[dict]:
+    """A run's evaluation samples, from its `eval` artifact (the JSONL `l2t train` and sweeps log)."""
+    import json
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=row["run_id"], artifact_path="eval", dst_path=tmp))
+        except Exception:  # noqa: BLE001 - a run without samples (stopped early) has nothing to pair
+            return []
+        files = sorted(local.rglob("*.jsonl")) if local.is_dir() else [local]
+        return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
 
 
 def table(result: Comparison) -> Table:
@@ -127,6 +206,31 @@ def table(result: Comparison) -> Table:
     return out
 
 
+def arms_table(result: Comparison) -> Table | None:
+    """Arms over seeds (mean ± std) and, with a baseline, Δ [95% interval] (* where it excludes 0)."""
+    if not result.arms or (result.baseline is None and all(len(a.runs) == 1 for a in result.arms)):
+        return None
+    title = f"{len(result.arms)} arms" + (f", Δ vs {result.baseline.name} [95%]" if result.baseline else "")
+    out = Table(title=title)
+    out.add_column("arm")
+    out.add_column("seeds", justify="right")
+    for metric in result.metrics:
+        out.add_column(metric, justify="right")
+    for arm in result.arms:
+        cells = []
+        for metric in result.metrics:
+            mean, std = arm.summary.get(metric, (math.nan, math.nan))
+            text = "-" if math.isnan(mean) else f"{mean:.4g} ± {std:.2g}"
+            diff = arm.versus_baseline.get(metric)
+            if diff is not None:
+                text += f"\nΔ {diff.text()}"
+            elif arm is result.baseline:
+                text += "\n(baseline)"
+            cells.append(text)
+        out.add_row(arm.name, str(len(arm.seeds)), *cells)
+    return out
+
+
 def _write_csv(rows: list[dict], metrics: list[str], path: Path) -> Path:
     columns = ["run", "run_id", "mode", LAMBDA_I, LAMBDA_A, "status", *metrics]
     with open(path, "w", newline="") as handle:
@@ -136,7 +240,7 @@ def _write_csv(rows: list[dict], metrics: list[str], path: Path) -> Path:
     return path
 
 
-def _heatmap(rows: list[dict], metric: str, path: Path) -> Path | None:
+def _heatmap(rows: list[dict], metric: str, path: Path, result: Comparison | None = None) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,15 +267,38 @@ def _heatmap(rows: list[dict], metric: str, path: Path) -> Path | None:
     ax.set_xlabel("λ_A (response)")
     ax.set_ylabel("λ_I (instruction)")
     ax.set_title(metric)
+    notes = _interval_notes(result, metric)
     for i in range(len(lis)):
         for j in range(len(las)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="white", fontsize=9)
+                text = f"{grid[i, j]:.3g}" + notes.get((lis[i], las[j]), "")
+                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _interval_notes(result: Comparison | None, metric: str) -> dict[tuple[float, float], str]:
+    """Per λ cell: ± std over seeds, and the interval against the baseline (one arm per cell only)."""
+    if result is None:
+        return {}
+    by_cell: dict[tuple[float, float], list[Arm]] = defaultdict(list)
+    for arm in result.arms:
+        by_cell[(arm.runs[0][LAMBDA_I], arm.runs[0][LAMBDA_A])].append(arm)
+    notes = {}
+    for cell, arms in by_cell.items():
+        if len(arms) != 1:
+            continue
+        arm = arms[0]
+        mean, std = arm.summary.get(metric, (math.nan, math.nan))
+        note = f"\n± {std:.2g}" if len(arm.seeds) > 1 and not math.isnan(std) else ""
+        diff = arm.versus_baseline.get(metric)
+        if diff is not None:
+            note += f"\nΔ [{diff.low:+.2g}, {diff.high:+.2g}]" + ("*" if diff.excludes_zero else "")
+        notes[cell] = note
+    return notes
 
 
 def _curves(runs: list, path: Path, metric: str = "train/loss_response") -> Path | None:

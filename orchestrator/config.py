@@ -20,20 +20,35 @@ from workloads.config import (  # noqa: F401 - re-exported for the control plane
     DataConfig,
     EvalConfig,
     ExperimentConfig,
-    MaskingConfig,
     ModelConfig,
     StorageConfig,
     SweepConfig,
     SyntheticConfig,
-    TaskTemplateConfig,
     TinyModelConfig,
     TrackingConfig,
     TrainConfig,
     flatten,
 )
+from workloads.masking_config import MaskingConfig, TaskTemplateConfig  # noqa: F401 - re-exported
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+"""The checkout this module is in; installed from a wheel, the folder holding the packages (no configs/ there)."""
+
+
+def _config_dir() -> Path:
+    """configs/ of the checkout, else the copy shipped in the wheel as the package `l2t_configs`."""
+    if (REPO_ROOT / "configs").is_dir():
+        return REPO_ROOT / "configs"
+    import importlib.util
+
+    spec = importlib.util.find_spec("l2t_configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return REPO_ROOT / "configs"
+
+
+CONFIG_DIR = _config_dir()
+"""The experiment YAMLs and DeepSpeed JSONs (`configs/` in the repository, `l2t_configs` when installed)."""
 
 
 class ConfigError(ValueError):
@@ -109,7 +124,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> ExperimentC
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment, apply dotted overrides, validate."""
+    """Read a YAML experiment, apply dotted overrides, validate.
+
+    A relative `train.deepspeed` that is neither under the working folder nor under the repository or the
+    packaged configs is taken relative to the config file's folder (and written into the config as absolute)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -119,7 +137,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(apply_overrides(raw, overrides or []), str(path))
+    cfg = config_from_dict(apply_overrides(raw, overrides or []), str(path))
+    deepspeed = cfg.train.deepspeed
+    if deepspeed and not resolve_repo_path(deepspeed).exists() and (path.parent / deepspeed).exists():
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"deepspeed": str((path.parent / deepspeed).resolve())})}
+        )
+    return sources_over_synthetic(cfg)
+
+
+def sources_over_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Explicit `data.sources` win over `data.synthetic` (e.g. `configs/quickstart.yaml data.sources=[my.json]`):
+    the synthetic set is dropped and one line on stderr says so."""
+    if not (cfg.data.sources and cfg.data.synthetic is not None):
+        return cfg
+    import sys
+
+    print("note: data.sources is set, so data.synthetic is ignored", file=sys.stderr, flush=True)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic": None})})
 
 
 def json_schema() -> dict[str, Any]:
@@ -127,8 +162,12 @@ def json_schema() -> dict[str, Any]:
 
 
 def resolve_repo_path(value: str) -> Path:
-    """A path from a config: as given if it exists, else relative to the repository root."""
+    """A path from a config: as given if it exists, else relative to the repository root, else to the configs
+    folder (packaged in a wheel: `configs/deepspeed/zero2.json` is found there as `deepspeed/zero2.json`)."""
     path = Path(value).expanduser()
     if path.exists() or path.is_absolute():
         return path
-    return REPO_ROOT / path
+    candidates = [REPO_ROOT / path, CONFIG_DIR / path]
+    if path.parts and path.parts[0] == "configs":
+        candidates.append(CONFIG_DIR.joinpath(*path.parts[1:]))
+    return next((c for c in candidates if c.exists()), candidates[0])

@@ -4,8 +4,8 @@ Render with the chat template, tokenize once with offsets, segment
 (`workloads.segments.encode_conversations`), and pack the results into
 compact Arrow list columns. This is the only stage that loads a tokenizer
 (once per worker process); rows that fail here (a chat template that fails,
-no response token left within max_length) get a reason like validation's
-and go to the quarantine. `SHARD_SCHEMA` is the format of the written shards
+no response token left within max_length, anything that breaks the
+tokenizer) get a reason like validation's and go to the quarantine. `SHARD_SCHEMA` is the format of the written shards
 that training reads.
 """
 
@@ -83,10 +83,10 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
     only for failed rows.
     """
     from workloads.conversations import ConversationError
-    from workloads.segments import EncodeSpec, encode_conversations
+    from workloads.segments import EncodeSpec
 
     conversations = conversations_of(batch)
-    results = encode_conversations(conversations, _tokenizer(model_dir), EncodeSpec(**spec_kwargs))
+    results = _encode_each(conversations, _tokenizer(model_dir), EncodeSpec(**spec_kwargs))
     empty_ids, empty_segments = np.zeros(0, np.int32), np.zeros(0, np.int8)
     input_ids, segments, images, truncated, ok, reasons, messages = [], [], [], [], [], [], []
     failed = np.zeros(len(results), dtype=bool)
@@ -130,6 +130,25 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
         },
         schema=ENCODED_SCHEMA,
     )
+
+
+def _encode_each(conversations: list, tokenizer, spec) -> list:
+    """`encode_conversations`, and row by row when the block fails: a row that breaks the template, the
+    tokenizer or the segmenter becomes its own `ConversationError` ("encode_failed"), never a failed stage."""
+    from workloads.conversations import ConversationError
+    from workloads.segments import encode_conversations
+
+    try:
+        return encode_conversations(conversations, tokenizer, spec)
+    except Exception:  # noqa: BLE001 - find the row(s) that did it
+        results = []
+        for conversation in conversations:
+            try:
+                results.extend(encode_conversations([conversation], tokenizer, spec))
+            except Exception as error:  # noqa: BLE001
+                message = f"row {conversation.id!r}: can't be encoded: {type(error).__name__}: {error}"
+                results.append(ConversationError("encode_failed", message))
+        return results
 
 
 def _encoding_summary(batch: pa.Table) -> pa.Table:

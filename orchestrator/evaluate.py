@@ -13,7 +13,12 @@ then aggregates them with `workloads.eval_summary.summarize` into
 `metrics.json`.
 
 Every entry point runs this same code: `l2t eval` (`run_eval`), the
-evaluation after `l2t train` and each sweep trial (`evaluate_model`).
+evaluation after `l2t train` and each sweep trial (`evaluate_model`). Each
+question is scored by a named rule (`score_questions`: `eval.answer_rule`,
+`eval.choice_parser`, else the question file's, else the rule published
+numbers use for the suite), recorded per sample (`rule`) and per suite
+(`scoring` in `metrics.json`). lmms-eval tasks (`eval.lmms_eval_tasks`,
+`--lmms-eval`) run after l2t's suites through `orchestrator.lmms_eval`.
 
 Resources: on GPU each actor holds one GPU; on CPU each actor asks for a
 fraction of a CPU (0.5 by default: on a 2-core machine, an actor holding a
@@ -39,6 +44,14 @@ import pyarrow as pa
 from orchestrator import storage
 from orchestrator.config import EvalConfig, ExperimentConfig
 from orchestrator.console import log
+from orchestrator.eval_inputs import (  # noqa: F401 - re-exported
+    RULE_FIELDS,
+    SyntheticSuite,
+    encode_spec_kwargs,
+    load_question_file,
+    load_suite,
+    suite_name,
+)
 from orchestrator.images import open_image
 
 SAMPLES_JSONL = "samples.jsonl"
@@ -66,6 +79,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("vc_mean", pa.float64()),
         ("response_tokens", pa.int64()),
         ("error", pa.string()),
+        ("rule", pa.string()),
     ]
 )
 
@@ -78,6 +92,8 @@ class SuiteResult:
     samples_parquet: str
     metrics_file: str
     rows: list[dict] = field(repr=False, default_factory=list)
+    scoring: dict[str, str] = field(default_factory=dict)
+    """`{kind: rule}` the suite was scored by (`workloads.eval_summary.scoring_rules`)."""
 
 
 # ---------------------------------------------------------------- Ray Data stage
@@ -202,6 +218,30 @@ def write_samples(rows: list[dict], jsonl_uri: str, parquet_uri: str | None) -> 
         pq.write_table(table, path, filesystem=fs)
 
 
+def score_questions(questions: list[dict], options: EvalConfig, suite: str, synthetic: bool = False) -> list[dict]:
+    """The questions with the answer rule and choice parser each is scored by (`eval.answer_rule`,
+    `eval.choice_parser`, else the row's or file's own, else the suite's published default)."""
+    from workloads.eval_summary import resolve_scoring
+
+    return resolve_scoring(
+        questions,
+        answer_rule=options.answer_rule,
+        choice_parser=options.choice_parser,
+        suite=suite,
+        synthetic=synthetic,
+    )
+
+
+def _with_rules(rows: list[dict], questions: list[dict]) -> list[dict]:
+    """Per-sample rows with the `rule` their score used (choice parser or answer rule; None when unscored)."""
+    from workloads.eval_questions import MULTIPLE_CHOICE
+
+    for row, q in zip(rows, questions):
+        scored = row.get("correct") is not None
+        row["rule"] = (q["choice_parser"] if q["kind"] == MULTIPLE_CHOICE else q["answer_rule"]) if scored else None
+    return rows
+
+
 def evaluate_questions(
     model_dir: str,
     questions: list[dict],
@@ -213,13 +253,16 @@ def evaluate_questions(
     suite: str = "questions",
     chair_vocabularies: dict[str, list[str]] | None = None,
     extra: dict[str, Any] | None = None,
+    synthetic: bool = False,
 ) -> SuiteResult:
     """Batch inference, per-sample files and metrics for normalized questions; the one code path
-    behind `l2t eval`, `l2t train` and sweep trials."""
-    from workloads.eval_summary import summarize
+    behind `l2t eval`, `l2t train` and sweep trials. The scoring rules used go into `metrics.json`
+    (`scoring`) and each sample row (`rule`)."""
+    from workloads.eval_summary import scoring_rules, summarize
 
     started = time.perf_counter()
-    rows = batch_inference(model_dir, questions, spec_kwargs, image_root, options)
+    questions = score_questions(questions, options, suite, synthetic)
+    rows = _with_rules(batch_inference(model_dir, questions, spec_kwargs, image_root, options), questions)
     metrics = summarize(rows, chair_vocabularies=chair_vocabularies)
     jsonl, parquet, metrics_file = (storage.join(out_dir, n) for n in (SAMPLES_JSONL, SAMPLES_PARQUET, METRICS_FILE))
     write_samples(rows, jsonl, parquet)
@@ -231,138 +274,11 @@ def evaluate_questions(
         "options": options.model_dump(exclude={"max_rows"}),  # the questions asked are counted above
         "wall_s": round(time.perf_counter() - started, 2),
         "metrics": metrics,
+        "scoring": scoring_rules(questions),
         **(extra or {}),
     }
     storage.write_text(metrics_file, json.dumps(record, indent=2, sort_keys=True))
-    return SuiteResult(suite, metrics, jsonl, parquet, metrics_file, rows)
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def load_question_file(path: str, *, limit: int | None = None, default_kind: str | None = None) -> list[dict]:
-    """Normalized questions of a LLaVA-style JSONL (or JSON list) file, local or s3://."""
-    from workloads.eval_questions import parse_question_lines
-
-    text = storage.read_text(path)
-    if path.endswith(".json"):
-        return parse_question_lines([json.dumps(json.loads(text))], limit=limit, default_kind=default_kind)
-    return parse_question_lines(text.splitlines(), limit=limit, default_kind=default_kind)
-
-
-def encode_spec_kwargs(
-    model_dir: str,
-    *,
-    chat_template: str | None = None,
-    system_prompt: str | None = None,
-    max_length: int | None = None,
-    task_templates: tuple[str, ...] | None = None,
-    prepared: str | None = None,
-    config=None,
-) -> dict[str, Any]:
-    """EncodeSpec arguments: explicit values first, then a prepared-data folder's manifest and
-    task templates, then an experiment config, then vicuna_v1 / 2048 tokens. The image token count
-    always comes from the model's config (a prepared folder that disagrees is refused)."""
-    from transformers import AutoConfig
-
-    from workloads.model import num_image_tokens
-    from workloads.task_templates import TaskTemplateList
-
-    image_tokens = num_image_tokens(AutoConfig.from_pretrained(model_dir))
-    manifest: dict[str, Any] = {}
-    if prepared:
-        from orchestrator.prepare import PreparedData
-
-        data = PreparedData.load(prepared)
-        spec = data.encode_spec()
-        if spec.num_image_tokens != image_tokens:
-            raise ValueError(
-                f"{prepared} was prepared with {spec.num_image_tokens} image tokens, the model uses {image_tokens}"
-            )
-        manifest = {"chat_template": spec.template, "max_length": spec.max_length}
-        system_prompt = system_prompt if system_prompt is not None else spec.system_prompt
-        if task_templates is None:
-            task_templates = spec.task_templates
-    if config is not None:
-        chat_template = chat_template or manifest.get("chat_template") or config.data.chat_template
-        system_prompt = system_prompt if system_prompt is not None else config.data.system_prompt
-        max_length = max_length or manifest.get("max_length") or config.data.max_length
-        if task_templates is None and config.masking.task_templates.file:
-            task_templates = TaskTemplateList.load(config.masking.task_templates.file).sentences()
-    return {
-        "template": chat_template or manifest.get("chat_template") or "vicuna_v1",
-        "num_image_tokens": image_tokens,
-        "max_length": int(max_length or manifest.get("max_length") or 2048),
-        "task_templates": tuple(task_templates or ()),
-        "system_prompt": system_prompt,
-    }
-
-
-@dataclass
-class SyntheticSuite:
-    """The synthetic suite's settings; take them from the training set's `data.synthetic`."""
-
-    rows: int = 200
-    seed: int = 0
-    max_objects: int = 1
-    image_size: int = 32
-    kinds: tuple[str, ...] | None = None
-
-    @classmethod
-    def from_config(cls, config, rows: int | None = None) -> "SyntheticSuite":
-        from workloads.synthetic import SINGLE_ROUND_KINDS
-
-        synthetic = config.data.synthetic if config is not None else None
-        if synthetic is None:
-            return cls(rows=rows or 200)
-        kinds = tuple(k for k in (synthetic.kinds or SINGLE_ROUND_KINDS) if k in SINGLE_ROUND_KINDS) or None
-        return cls(
-            rows=rows or synthetic.eval_rows or 200,
-            seed=synthetic.seed,
-            max_objects=synthetic.max_objects,
-            image_size=synthetic.image_size,
-            kinds=kinds,
-        )
-
-
-def suite_name(suite: str) -> str:
-    from workloads.eval_questions import SYNTHETIC_SUITE
-
-    if suite == SYNTHETIC_SUITE:
-        return suite
-    return posixpath.basename(suite.rstrip("/")).rsplit(".", 1)[0] or "suite"
-
-
-def load_suite(
-    suite: str,
-    out_dir: str,
-    *,
-    image_root: str | None = None,
-    limit: int | None = None,
-    default_kind: str | None = None,
-    synthetic: SyntheticSuite | None = None,
-) -> tuple[list[dict], str | None, dict[str, list[str]] | None]:
-    """(normalized questions, image root, CHAIR vocabularies) of `synthetic` or a question file."""
-    from workloads.eval_questions import SYNTHETIC_SUITE, synthetic_chair_vocabularies, synthetic_questions
-
-    if suite == SYNTHETIC_SUITE:
-        s = synthetic or SyntheticSuite()
-        if storage.is_s3(out_dir):
-            raise ValueError("the synthetic suite renders its images locally: give a local output folder")
-        rows = min(s.rows, limit) if limit else s.rows
-        questions, root = synthetic_questions(
-            Path(out_dir) / "suite",
-            rows=rows,
-            seed=s.seed,
-            max_objects=s.max_objects,
-            image_size=s.image_size,
-            kinds=s.kinds,
-        )
-        return questions, root, synthetic_chair_vocabularies()
-    if not storage.exists(suite):
-        raise FileNotFoundError(f"--suite: {suite} is neither 'synthetic' nor an existing question file")
-    root = image_root or (posixpath.dirname(suite) if storage.is_s3(suite) else str(Path(suite).resolve().parent))
-    return load_question_file(suite, limit=limit, default_kind=default_kind), root, None
+    return SuiteResult(suite, metrics, jsonl, parquet, metrics_file, rows, record["scoring"])
 
 
 # ---------------------------------------------------------------- entry points
@@ -383,12 +299,20 @@ def run_eval(
     system_prompt: str | None = None,
     max_length: int | None = None,
     synthetic: SyntheticSuite | None = None,
+    track: bool | None = None,
 ) -> dict[str, SuiteResult]:
-    """`l2t eval`: every suite evaluated into `output/<suite name>/`; `output/metrics.json` holds all of them."""
+    """`l2t eval`: every suite evaluated into `output/<suite name>/`, then the lmms-eval tasks of
+    `options.lmms_eval_tasks` into `output/lmms_eval/<task>/` (results named `lmms:<task>`);
+    `output/metrics.json` holds all of them. With `track` (default: when lmms-eval tasks ran) the
+    results are logged to an MLflow run (`orchestrator.eval_tracking`)."""
     from orchestrator.cluster import connect
 
-    connect()
     options = options or standalone_options()
+    if options.lmms_eval_tasks:
+        from orchestrator.lmms_eval import require_lmms_eval
+
+        require_lmms_eval()  # before any suite runs
+    connect()
     suites = [suites] if isinstance(suites, str) else list(suites)
     spec_kwargs = encode_spec_kwargs(
         model_dir,
@@ -423,16 +347,47 @@ def run_eval(
             suite=suite,
             chair_vocabularies=vocabularies,
             extra={"image_root": root, **({"synthetic": asdict(synthetic)} if name == "synthetic" else {})},
+            synthetic=name == "synthetic",
         )
-    storage.write_text(
-        storage.join(output, METRICS_FILE),
-        json.dumps(
-            {"model_dir": str(model_dir), "suites": {k: v.metrics for k, v in results.items()}},
-            indent=2,
-            sort_keys=True,
-        ),
-    )
+    results.update(_lmms_results(model_dir, output, spec_kwargs, options, max_rows))
+    summary = {
+        "model_dir": str(model_dir),
+        "suites": {k: v.metrics for k, v in results.items()},
+        "scoring": {k: v.scoring for k, v in results.items() if v.scoring},
+    }
+    storage.write_text(storage.join(output, METRICS_FILE), json.dumps(summary, indent=2, sort_keys=True))
+    if track if track is not None else bool(options.lmms_eval_tasks):
+        from orchestrator.eval_tracking import log_eval_run
+
+        log_eval_run(model_dir, output, results, config)
     return results
+
+
+def _lmms_results(model_dir: str, output: str, spec_kwargs, options: EvalConfig, limit: int | None) -> dict:
+    """`lmms:<task>` -> SuiteResult for each lmms-eval task of `options` (metrics without the `lmms/<task>/`
+    prefix); {} when there are none."""
+    if not options.lmms_eval_tasks:
+        return {}
+    from orchestrator.lmms_eval import LMMS_DIR, run_lmms_eval, task_dir
+
+    log(f"[eval] lmms-eval: {', '.join(options.lmms_eval_tasks)} -> {storage.join(output, LMMS_DIR)}")
+    lmms = run_lmms_eval(
+        model_dir,
+        options.lmms_eval_tasks,
+        output,
+        spec_kwargs,
+        options,
+        include_path=options.lmms_eval_include_path,
+        limit=options.lmms_eval_limit or limit,
+    )
+    out = {}
+    for task, metrics in lmms.items():
+        folder = task_dir(output, task)
+        short = {k.split("/", 2)[2] if k.startswith(f"lmms/{task}/") else k: v for k, v in metrics.items()}
+        out[f"lmms:{task}"] = SuiteResult(
+            f"lmms:{task}", short, storage.join(folder, "samples.jsonl"), "", storage.join(folder, "results.json")
+        )
+    return out
 
 
 def options_from_config(cfg: ExperimentConfig) -> EvalConfig:
@@ -450,29 +405,45 @@ def standalone_options() -> EvalConfig:
 def evaluate_model(cfg: ExperimentConfig, model_dir: str, prepared, out_file: str) -> dict[str, float]:
     """Held-out evaluation of an exported model on `data.eval_file` (what `l2t train` and each sweep
     trial run after training): per-sample rows go to `out_file` (JSONL), with a Parquet copy and the
-    metrics beside it (`<stem>.parquet`, `<stem>.metrics.json`)."""
-    if not cfg.data.eval_file:
-        return {}
+    metrics beside it (`<stem>.parquet`, `<stem>.metrics.json`); then the lmms-eval tasks of
+    `eval.lmms_eval_tasks`, written beside it (`lmms_eval/<task>/`), their metrics added as
+    `lmms/<task>/<metric>`."""
     spec_kwargs = dataclasses.asdict(prepared.encode_spec())  # exactly how the training rows were encoded
-    questions = load_question_file(cfg.data.eval_file, limit=cfg.eval.max_rows)
     options = options_from_config(cfg)
-    rows = batch_inference(model_dir, questions, spec_kwargs, cfg.data.image_root, options)
-    from workloads.eval_summary import summarize
+    if options.lmms_eval_tasks:
+        from orchestrator.lmms_eval import require_lmms_eval
 
-    metrics = summarize(rows)
-    stem = out_file[: -len(".jsonl")] if out_file.endswith(".jsonl") else out_file
-    write_samples(rows, out_file, stem + ".parquet")
-    storage.write_text(
-        stem + ".metrics.json",
-        json.dumps(
-            {
-                "model_dir": str(model_dir),
-                "eval_file": cfg.data.eval_file,
-                "options": options.model_dump(),
-                "metrics": metrics,
-            },
-            indent=2,
-            sort_keys=True,
-        ),
-    )
+        require_lmms_eval()  # before the held-out evaluation
+    metrics: dict[str, float] = {}
+    if cfg.data.eval_file:
+        from workloads.eval_summary import scoring_rules, summarize
+
+        questions = load_question_file(cfg.data.eval_file, limit=cfg.eval.max_rows)
+        questions = score_questions(questions, options, cfg.data.eval_file, cfg.data.synthetic is not None)
+        rows = _with_rules(batch_inference(model_dir, questions, spec_kwargs, cfg.data.image_root, options), questions)
+        metrics = summarize(rows)
+        stem = out_file[: -len(".jsonl")] if out_file.endswith(".jsonl") else out_file
+        write_samples(rows, out_file, stem + ".parquet")
+        record = {
+            "model_dir": str(model_dir),
+            "eval_file": cfg.data.eval_file,
+            "options": options.model_dump(),
+            "metrics": metrics,
+            "scoring": scoring_rules(questions),
+        }
+        storage.write_text(stem + ".metrics.json", json.dumps(record, indent=2, sort_keys=True))
+    if options.lmms_eval_tasks:
+        from orchestrator.lmms_eval import merged_metrics, run_lmms_eval
+
+        folder = posixpath.dirname(out_file) if storage.is_s3(out_file) else str(Path(out_file).parent)
+        lmms = run_lmms_eval(
+            model_dir,
+            options.lmms_eval_tasks,
+            folder,
+            spec_kwargs,
+            options,
+            include_path=options.lmms_eval_include_path,
+            limit=options.lmms_eval_limit,
+        )
+        metrics = {**metrics, **merged_metrics(lmms)}
     return metrics

@@ -9,8 +9,10 @@ prepares once on the driver and hands each trial the same `inputs`.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator import layout, storage
@@ -50,14 +52,18 @@ def prepare_inputs(cfg: ExperimentConfig) -> Inputs:
     """Synthetic data (if configured), model, prepared shards: everything a fit reads."""
     cfg = materialize_synthetic(cfg)
     model_dir = resolve_model(cfg)
-    log(f"[prepare] Ray Data: validate, count task templates, tokenize and segment {cfg.data.sources}")
-    prepared = prepare(cfg, model_dir)
-    m = prepared.manifest
-    log(
-        f"[prepare] {m['rows_written']} rows written, {m['rows_quarantined']} quarantined, "
-        f"{m['task_templates']} task templates -> {prepared.path}"
-    )
+    prepared = prepare(cfg, model_dir, progress=_prepare_progress())
     return cfg, model_dir, prepared
+
+
+def _prepare_progress():
+    """Preparation's progress lines: all of them when logs are live (-v), else the ones that say what came out."""
+    from orchestrator.console import log_file
+
+    if log_file() is None:
+        return log
+    keep = ("done in", "reusing", "quarantin", "warning", "error")
+    return lambda line: log(line) if any(word in line for word in keep) else None
 
 
 def run_experiment(
@@ -69,11 +75,17 @@ def run_experiment(
     callbacks: list | None = None,
     dataset=None,
     track: bool = True,
+    fresh: bool = False,
+    wrap_report=None,
 ) -> ExperimentResult:
     """Prepare (or reuse `inputs`), train with Ray Train, evaluate, and (with `track`) log to MLflow.
 
     `cfg`'s masking and train sections win over those of `inputs` (a sweep point or quickstart arm).
     `callbacks` and `dataset` go to `run_train` (Tune's report callback, a sweep's shared images).
+    With `track` the MLflow run opens when training starts, gets the curve live (with wall-clock
+    timestamps) and ends FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM).
+    `fresh`: start the run over even when an unfinished run of the same name and configuration could resume.
+    `wrap_report`: to `run_train` (tests inject faults with it).
     """
     from orchestrator.tracking import check_reachable, tracking_uri
 
@@ -85,14 +97,51 @@ def run_experiment(
         resolved, {"masking": cfg.masking.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
     )
     run_name = run_name or default_run_name(resolved)
+    run_id = _open_run(resolved, run_name, parent_run_id) if track else None
+    try:
+        options = {"callbacks": callbacks, "dataset": dataset, "fresh": fresh, "wrap_report": wrap_report}
+        result = _train_and_evaluate(resolved, model_dir, prepared, run_name, run_id, options)
+        if track:
+            result.mlflow_run_id = log_experiment(result, parent_run_id=parent_run_id, run_id=run_id)
+    except BaseException as error:
+        if run_id is not None:
+            from orchestrator.tracking import end_training_run
+
+            killed = isinstance(error, (KeyboardInterrupt, SystemExit))
+            end_training_run(tracking_uri(resolved), run_id, "KILLED" if killed else "FAILED")
+        raise
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _open_run(cfg: ExperimentConfig, run_name: str, parent_run_id: str | None) -> str:
+    from orchestrator.tracking import start_training_run, tracking_uri
+
+    run_id = start_training_run(cfg, run_name, parent_run_id=parent_run_id)
+    log(f"[mlflow] run {run_name} ({run_id}) is live in {storage.redact(tracking_uri(cfg))}")
+    return run_id
+
+
+def _train_and_evaluate(
+    resolved: ExperimentConfig,
+    model_dir: str,
+    prepared: PreparedData,
+    run_name: str,
+    run_id: str | None,
+    options: dict,
+) -> ExperimentResult:
+    from orchestrator.tracking import LiveMetrics, tracking_uri
+
+    live = LiveMetrics(tracking_uri(resolved), run_id) if run_id else None
     log(f"[train] {run_name}: Ray Train, {resolved.train.num_workers} workers, DeepSpeed {resolved.train.deepspeed}")
-    trained = run_train(resolved, prepared, model_dir, run_name, callbacks=callbacks, dataset=dataset)
+    trained = run_train(resolved, prepared, model_dir, run_name, live_metrics=live, **options)
     log(f"[eval] {run_name}: held-out questions")
     samples_file = layout.run_file(resolved.storage.path, run_name, layout.RUN_EVAL_SAMPLES)
     eval_metrics = evaluate_model(resolved, trained.model_dir, prepared, samples_file)
     mask_uri = layout.run_file(resolved.storage.path, run_name, layout.RUN_MASK_EXAMPLE)
     mask_page = mask_example_html(resolved, prepared, model_dir, mask_uri)
-    result = ExperimentResult(
+    write_model_experiment(trained.model_dir, resolved)
+    return ExperimentResult(
         run_name=run_name,
         config=resolved,
         train=trained,
@@ -103,10 +152,6 @@ def run_experiment(
         prepared=prepared,
         mask_example=mask_page,
     )
-    if track:
-        result.mlflow_run_id = log_experiment(result, parent_run_id=parent_run_id)
-    result.wall_s = time.perf_counter() - started
-    return result
 
 
 def log_experiment(
@@ -115,8 +160,10 @@ def log_experiment(
     parent_run_id: str | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> str:
-    """One MLflow run for a finished experiment: config, curve, evaluation, artifacts."""
+    """One MLflow run for a finished experiment (or the rest of the live `run_id`): config, curve, evaluation,
+    artifacts."""
     from orchestrator.tracking import log_training_run
 
     trained, prepared = result.train, result.prepared
@@ -139,4 +186,30 @@ def log_experiment(
         },
         parent_run_id=parent_run_id,
         tags=tags,
+        run_id=run_id,
     )
+
+
+# ---------------------------------------------------------------- the model folder's experiment
+
+MODEL_EXPERIMENT_FILE = "l2t_experiment.json"
+"""Written into every exported model folder: the resolved config (evaluation settings included) it was trained
+with, so `l2t eval MODEL` needs no `--config`."""
+
+
+def write_model_experiment(model_dir: str | Path, cfg: ExperimentConfig) -> Path:
+    path = Path(model_dir, MODEL_EXPERIMENT_FILE)
+    body = {"format": 1, "config": cfg.model_dump(mode="json")}
+    path.write_text(storage.redact(json.dumps(body, indent=2)))  # user:password@ in URLs; keys stay as they are
+    return path
+
+
+def model_experiment(model_dir: str | Path) -> ExperimentConfig | None:
+    """The config saved in an exported model folder (`l2t_experiment.json`), or None when it has none."""
+    from orchestrator.config import config_from_dict
+
+    path = Path(model_dir, MODEL_EXPERIMENT_FILE)
+    if not path.is_file():
+        return None
+    log(f"[eval] using the experiment saved with the model: {path}")
+    return config_from_dict(json.loads(path.read_text())["config"], str(path))

@@ -1,12 +1,13 @@
 """Images referenced by conversations: the one opener, and the rule that keeps paths inside the image root.
 
 Every stage that touches an image file goes through here: validation checks
-that a row's images are usable (`ImageChecker`), training and evaluation
-open them (`open_image`). One place decides how a path under a local folder
-or an s3:// prefix becomes a file, and which paths are refused: a path in a
-data file is untrusted input, so one that is absolute, a URL, or climbs out
-with `..` (or, under a local root, leaves it through a symlink) is never
-opened.
+that a row's images are usable (`ImageChecker`), training opens them confined
+(`open_confined_image`), evaluation opens them (`open_image`). One place
+decides how a path under a local folder or an s3:// prefix becomes a file,
+and which paths are refused: a path in a data file is untrusted input, so one
+that is absolute, a URL, holds a control character (a NUL byte), or climbs
+out with `..` (or, under a local root, leaves it through a symlink) is never
+opened, whatever `data.check_images` says.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from pathlib import Path
 from typing import IO
 
 from orchestrator import storage
+
+IMAGE_CHECKS = ("decode", "header", "off")
+"""`data.check_images`: decode every pixel, check the header and checksums, or neither (paths are confined anyway)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def image_check_mode(check_images: str | bool) -> str:
+    """`decode`, `header` or `off` (the booleans of earlier versions: true is `decode`, false is `off`)."""
+    if isinstance(check_images, bool):
+        return "decode" if check_images else "off"
+    if check_images not in IMAGE_CHECKS:
+        raise ValueError(f"data.check_images={check_images!r}: expected one of {IMAGE_CHECKS}")
+    return check_images
 
 
 class ImagePathError(ValueError):
@@ -31,11 +45,16 @@ class ImagePathError(ValueError):
 def relative_image_path(image: str) -> str:
     """`image` normalized (forward slashes, `.` and inner `..` folded) when it stays under a root.
 
-    Purely lexical, no file system is touched: a path that is empty,
-    absolute, a URL, a drive path, or climbs out with `..` raises
-    `ImagePathError` ("image_outside_root").
+    Purely lexical, no file system is touched: a path that is empty or holds
+    a control character raises `ImagePathError` ("invalid_image_path"); one
+    that is absolute, a URL, a drive path, or climbs out with `..`,
+    "image_outside_root".
     """
-    if not image or image.startswith(("/", "\\")) or "://" in image or re.match(r"^[A-Za-z]:", image):
+    if not isinstance(image, str) or not image:
+        raise ImagePathError("invalid_image_path", f"image {image!r} is not a path")
+    if _CONTROL.search(image):
+        raise ImagePathError("invalid_image_path", f"image {image!r} holds a control character (e.g. a NUL byte)")
+    if image.startswith(("/", "\\")) or "://" in image or re.match(r"^[A-Za-z]:", image):
         raise ImagePathError("image_outside_root", f"image {image!r} is not a relative path under data.image_root")
     lexical = posixpath.normpath(image.replace("\\", "/"))
     if lexical == ".." or lexical.startswith("../"):
@@ -54,7 +73,10 @@ def confined_path(image_root: str, image: str) -> str:
     if storage.is_s3(image_root):
         return storage.join(image_root, lexical)
     root = _resolved_root(image_root)
-    resolved = (root / image).resolve()
+    try:
+        resolved = (root / image).resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a name too long
+        raise ImagePathError("invalid_image_path", f"image {image!r} can't be resolved under {root}: {error}") from None
     if not resolved.is_relative_to(root):
         raise ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
     return str(resolved)
@@ -88,8 +110,7 @@ def open_image_file(location: str, filesystem=None) -> IO[bytes]:
 def open_image(image_root: str | None, path: str, *, filesystem=None):
     """The image at `path` (relative to `image_root`, a local folder or s3:// prefix) as an RGB `PIL.Image`.
 
-    For rows that passed validation; it does not re-check confinement (see
-    `confined_path`).
+    It does not check confinement; training opens rows' images with `open_confined_image`.
     """
     from PIL import Image
 
@@ -97,24 +118,43 @@ def open_image(image_root: str | None, path: str, *, filesystem=None):
         return image.convert("RGB")
 
 
+def open_confined_image(image_root: str | None, path: str, *, filesystem=None):
+    """`open_image` after the rule of `confined_path` (lexical only without a root): raises `ImagePathError`
+    for a path that leaves the root, whatever happened to the files since preparation."""
+    from PIL import Image
+
+    location = confined_path(image_root, path) if image_root else relative_image_path(path)
+    with open_image_file(location, filesystem) as handle, Image.open(handle) as image:
+        return image.convert("RGB")
+
+
 class ImageChecker:
     """Checks image paths of rows: inside the image root (always), present and decodable (`check_images`).
 
-    A path that is absolute or climbs out with `..` is refused without
-    touching any file system; with `check_images` the path is also resolved
-    (symlinks included) and must stay inside the root, exist and decode. Each
+    A path that is absolute, climbs out with `..` or holds a control
+    character is refused without touching any file system; under a local
+    root every path is also resolved (symlinks included) and must stay inside
+    the resolved root, whatever `check_images` says. `header` then checks that
+    the file exists and its header and checksums are sound (`PIL.verify`),
+    `decode` that every pixel decodes to RGB as training will decode it. Each
     distinct path is checked once per checker. S3 roots are checked on a few
-    threads (each check is a round trip).
+    threads (each check is a round trip). Nothing here raises: every failure
+    is a (reason, message).
     """
 
-    def __init__(self, image_root: str | None, check_images: bool, filesystem=None):
+    def __init__(self, image_root: str | None, check_images: str | bool, filesystem=None):
         self.image_root = image_root
-        self.check_images = check_images
+        self.mode = image_check_mode(check_images)
         self.s3 = image_root is not None and storage.is_s3(image_root)
         self.filesystem = filesystem
-        if self.s3 and filesystem is None:
+        if self.s3 and filesystem is None and self.mode != "off":
             self.filesystem = storage.filesystem(image_root)[0]
         self._seen: dict[str, tuple[str, str] | None] = {}
+
+    @property
+    def check_images(self) -> bool:
+        """Whether files are opened at all (`header` or `decode`)."""
+        return self.mode != "off"
 
     def prefetch(self, images: list[str]) -> None:
         """Check many paths at once (threads for S3); results are cached for `check`."""
@@ -129,25 +169,36 @@ class ImageChecker:
 
     def check(self, image: str) -> tuple[str, str] | None:
         """(reason, message) when the image can't be used, else None."""
-        if image not in self._seen:
-            self._seen[image] = self._check(image)
-        return self._seen[image]
+        key = image if isinstance(image, str) else repr(image)
+        if key not in self._seen:
+            self._seen[key] = self._check(image)
+        return self._seen[key]
 
     def _check(self, image: str) -> tuple[str, str] | None:
         try:
             relative_image_path(image)
+            if self.image_root is None:
+                if self.check_images:
+                    return ("no_image_root", f"image {image!r} given but data.image_root is not set")
+                return None
+            location = confined_path(self.image_root, image)
             if not self.check_images:
                 return None
-            if self.image_root is None:
-                return ("no_image_root", f"image {image!r} given but data.image_root is not set")
-            location = confined_path(self.image_root, image)
+            missing = self._missing_s3(image, location) if self.s3 else self._missing_local(image, location)
+            return missing or _decode_problem(
+                image, lambda: open_image_file(location, self.filesystem), decode=self.mode == "decode"
+            )
         except ImagePathError as error:
             return (error.reason, str(error))
-        missing = self._missing_s3(image, location) if self.s3 else self._missing_local(image, location)
-        return missing or _decode_problem(image, lambda: open_image_file(location, self.filesystem))
+        except Exception as error:  # noqa: BLE001 - one odd path must not end the stage: the row says why
+            return ("invalid_image_path", f"image {image!r} can't be checked: {type(error).__name__}: {error}")
 
     def _missing_local(self, image: str, location: str) -> tuple[str, str] | None:
-        if not Path(location).is_file():
+        try:
+            found = Path(location).is_file()
+        except OSError as error:
+            return ("missing_image", f"image {image!r} can't be read under {_resolved_root(self.image_root)}: {error}")
+        if not found:
             return ("missing_image", f"image {image!r} not found under {_resolved_root(self.image_root)}")
         return None
 
@@ -162,18 +213,27 @@ class ImageChecker:
         return None
 
 
-def _decode_problem(image: str, opener) -> tuple[str, str] | None:
-    """(corrupt_image, message) when the bytes `opener()` yields are not an image PIL can read."""
+def _decode_problem(image: str, opener, decode: bool = True) -> tuple[str, str] | None:
+    """(corrupt_image, message) when the bytes `opener()` yields are not an image PIL can read.
+
+    `decode`: every pixel is decoded and converted to RGB, as training does (a PNG with sound checksums
+    and a broken data stream passes `verify()` but not this); else only `verify()` (header and checksums).
+    """
     from PIL import Image
 
     try:
         with opener() as handle, Image.open(handle) as img:
-            img.verify()
+            if decode:
+                img.convert("RGB")
+            else:
+                img.verify()
     except Exception as error:  # PIL raises a zoo of types for bad bytes
         return ("corrupt_image", f"image {image!r} can't be decoded: {type(error).__name__}: {error}")
     return None
 
 
-def check_image(image: str, image_root: str | None, filesystem=None) -> tuple[str, str] | None:
+def check_image(
+    image: str, image_root: str | None, filesystem=None, check_images: str = "decode"
+) -> tuple[str, str] | None:
     """(reason, message) when one image can't be used: outside the root, missing, corrupt."""
-    return ImageChecker(image_root, True, filesystem).check(image)
+    return ImageChecker(image_root, check_images, filesystem).check(image)

@@ -6,6 +6,11 @@ groups in slices and, per rank, keeps only that rank's rows (`BatchPlan`'s
 `rank_of_rows`) before any image is opened, then loads their images with the
 model's image processor on CPU. Each Train worker reads its own dataset and
 puts its micro-batches in plan order (`workloads.batching`).
+
+An image that fails here (deleted, replaced, truncated since preparation, or
+a path that now leaves `image_root` through a symlink: paths are confined
+again) never ends the ingest: its row comes out with a `problem` naming the
+row and the image, and `ordered_micro_batches` drops it from its micro-batch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.images import open_image
+from orchestrator.images import open_confined_image
 from orchestrator.prepare import PreparedData
 from workloads.batching import BatchPlan
 
@@ -66,8 +71,9 @@ def read_prepared_rows(prepared: PreparedData) -> PreparedRows:
 
 
 class LoadRows:
-    """Ray Data stage: slices of Parquet row groups -> rows with their `row` number, tokens and `pixel_values`
-    (the model's image processor); with `owner` and `rank`, only that rank's rows, kept before any image is opened."""
+    """Ray Data stage: slices of Parquet row groups -> rows with their `row` number, tokens, `pixel_values`
+    (the model's image processor) and `problem` ("" or why the row's images could not be loaded); with
+    `owner` and `rank`, only that rank's rows, kept before any image is opened. It raises for no image."""
 
     def __init__(
         self,
@@ -82,6 +88,7 @@ class LoadRows:
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.fs, _ = storage.filesystem(shards)
         self.image_root = image_root
+        self.image_fs = storage.filesystem(image_root)[0] if image_root and storage.is_s3(image_root) else None
         self.owner, self.rank = owner, rank
         self._group: tuple[Any, dict[str, list]] | None = None  # the last row group read (its slices come in a row)
 
@@ -90,30 +97,70 @@ class LoadRows:
 
         if self._group is None or self._group[0] != (path, index):
             with self.fs.open_input_file(path) as handle:
-                table = pq.ParquetFile(handle).read_row_group(index, columns=["input_ids", "segments", "images"])
+                reader = pq.ParquetFile(handle)
+                names = [n for n in ("id", "input_ids", "segments", "images") if n in reader.schema_arrow.names]
+                table = reader.read_row_group(index, columns=names)
             self._group = ((path, index), {name: table.column(name).to_pylist() for name in table.column_names})
         return self._group[1]
 
+    def _images(self, row_id: str, paths: list[str]) -> tuple[list, str]:
+        """(the row's images, "") or ([], why one of them can't be used)."""
+        images = []
+        for path in paths:
+            try:
+                images.append(open_confined_image(self.image_root, str(path), filesystem=self.image_fs))
+            except Exception as error:  # noqa: BLE001 - missing, corrupt, escaping: the row is skipped, not the run
+                return [], f"row {row_id!r}: image {str(path)!r}: {type(error).__name__}: {error}"
+        return images, ""
+
+    def _pixels(self, rows: list[tuple[str, list]]) -> tuple[list, list[str]]:
+        """Pixel values per row (None for a row without images) and each row's problem ("" when fine)."""
+        loaded = [self._images(row_id, paths) if paths else ([], "") for row_id, paths in rows]
+        problems = [problem for _, problem in loaded]
+        flat = [image for images, problem in loaded if not problem for image in images]
+        try:
+            pixels = self.processor(images=flat, return_tensors="np")["pixel_values"] if flat else None
+        except Exception:  # noqa: BLE001 - one image the processor can't take: process row by row
+            return self._pixels_by_row(loaded)
+        out, cursor = [], 0
+        for images, problem in loaded:
+            count = 0 if problem else len(images)
+            out.append(pixels[cursor : cursor + count].astype(np.float32) if count else None)
+            cursor += count
+        return out, problems
+
+    def _pixels_by_row(self, loaded: list[tuple[list, str]]) -> tuple[list, list[str]]:
+        out, problems = [], []
+        for images, problem in loaded:
+            pixels = None
+            if images and not problem:
+                try:
+                    pixels = self.processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
+                except Exception as error:  # noqa: BLE001
+                    problem = f"image processor failed: {type(error).__name__}: {error}"
+            out.append(pixels)
+            problems.append(problem)
+        return out, problems
+
     def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": []}
+        out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": [], "problem": []}
         for path, index, start, stop, first in zip(
             chunks["path"], chunks["row_group"], chunks["start"], chunks["stop"], chunks["first_row"]
         ):
             columns = self._columns(str(path), int(index))
             rows = int(first) + np.arange(int(stop) - int(start))
             keep = np.arange(len(rows)) if self.rank is None else np.flatnonzero(self.owner[rows] == self.rank)
-            per_row = [columns["images"][int(start) + i] for i in keep]
-            flat = [open_image(self.image_root, str(p)) for images in per_row for p in images]
-            pixels = self.processor(images=flat, return_tensors="np")["pixel_values"] if flat else None
-            cursor = 0
-            for i, images in zip(keep, per_row):
+            ids = columns.get("id")
+            per_row = [
+                (ids[int(start) + i] if ids else f"#{int(rows[i])}", columns["images"][int(start) + i]) for i in keep
+            ]
+            pixels, problems = self._pixels(per_row)
+            for i, row_pixels, problem in zip(keep, pixels, problems):
                 out["row"].append(int(rows[i]))
                 out["input_ids"].append(np.asarray(columns["input_ids"][int(start) + i], dtype=np.int32))
                 out["segments"].append(np.asarray(columns["segments"][int(start) + i], dtype=np.int8))
-                out["pixel_values"].append(
-                    pixels[cursor : cursor + len(images)].astype(np.float32) if images else np.zeros((0,), np.float32)
-                )
-                cursor += len(images)
+                out["pixel_values"].append(row_pixels if row_pixels is not None else np.zeros((0,), np.float32))
+                out["problem"].append(problem)
         return out
 
 

@@ -4,7 +4,7 @@ Each is a step (`orchestrator.steps`): its folder under `storage.path`
 (`orchestrator.layout`) is keyed by what determines it, so a second run
 reuses it. The synthetic set is keyed by its settings; the tiny preset by its
 shape, the chat template, the corpus its tokenizer is trained on and the seed.
-A model that is not `tiny` is a local folder or a hub id and is used as is.
+A model that is not `tiny` is a local folder or a hub id (`preflight.model_reference`) and is used as is.
 """
 
 from __future__ import annotations
@@ -14,19 +14,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator import layout, storage
-from orchestrator.config import ExperimentConfig, with_overrides
+from orchestrator.config import ExperimentConfig, sources_over_synthetic, with_overrides
 from orchestrator.console import log
-from orchestrator.readers import list_source_files
+from orchestrator.preflight import model_reference
+from orchestrator.readers import list_source_files, local_records
 from orchestrator.steps import run_once, stable_hash
 
 
 def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Write the synthetic data set (once per settings) and point `data` at its files."""
-    from workloads.synthetic import ALL_KINDS, write_synthetic_dataset
+    """Write the synthetic data set (once per settings) and point `data` at its files.
+
+    Explicit `data.sources` win: with both set (`l2t train configs/quickstart.yaml data.sources=[my.json]`)
+    the synthetic set is ignored, and one line says so.
+    """
+    from workloads.synthetic import write_from_config
 
     synthetic = cfg.data.synthetic
     if synthetic is None:
         return cfg
+    if cfg.data.sources:  # explicit sources win (orchestrator.config.sources_over_synthetic)
+        return sources_over_synthetic(cfg)
     if storage.is_s3(layout.root(cfg.storage.path)):
         raise ValueError("data.synthetic needs a local storage.path (generate once, then upload)")
     out = layout.synthetic_dir(cfg.storage.path, stable_hash(synthetic.model_dump(mode="json"), length=12))
@@ -34,15 +41,7 @@ def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
     def generate(folder: str) -> None:
         rows = f"{synthetic.train_rows} train rows, {synthetic.eval_rows} eval questions"
         log(f"[data] generating synthetic data set: {rows} -> {folder}")
-        write_synthetic_dataset(
-            Path(folder),
-            train_rows=synthetic.train_rows,
-            eval_rows=synthetic.eval_rows,
-            seed=synthetic.seed,
-            max_objects=synthetic.max_objects,
-            image_size=synthetic.image_size,
-            kinds=tuple(synthetic.kinds or ALL_KINDS),
-        )
+        write_from_config(Path(folder), synthetic)
 
     run_once(out, generate)
     return with_overrides(
@@ -58,32 +57,38 @@ def materialize_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def tokenizer_corpus(files: list[str], template: str, limit: int = 50_000) -> Iterator[str]:
     """Text of the training conversations, rendered with the chat template (so system prompt and
-    role markers get their own tokens), for training the tiny model's tokenizer."""
+    role markers get their own tokens), for training the tiny model's tokenizer.
+
+    Records are split as preparation splits them (`readers.local_records`: JSONL, JSON arrays, Parquet);
+    one that can't be read, parsed or rendered (invalid UTF-8, bad JSON, a bad row) is left out here,
+    and preparation quarantines it with its reason.
+    """
     from workloads.chat_templates import render
-    from workloads.conversations import ConversationError, parse_record
+    from workloads.conversations import parse_record
 
     seen = 0
-    for path in files:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                if seen >= limit:
-                    return
-                try:
-                    conversation = parse_record(json.loads(line))
-                except (json.JSONDecodeError, ConversationError):
-                    continue
-                seen += 1
-                if template == "tokenizer":
-                    yield from (turn.text for turn in conversation.turns)
-                else:
-                    yield render(conversation, template).text
+    for _, _, raw in local_records(files):
+        if seen >= limit:
+            return
+        try:
+            conversation = parse_record(json.loads(raw))
+            if template == "tokenizer":
+                texts = [turn.text for turn in conversation.turns]
+            else:
+                texts = [render(conversation, template).text]
+            for text in texts:
+                text.encode("utf-8")  # a lone surrogate from a JSON escape can't be trained on
+        except Exception:  # noqa: BLE001 - whatever one row does, it is left out of the corpus, never fatal
+            continue
+        seen += 1
+        yield from texts
 
 
 def resolve_model(cfg: ExperimentConfig) -> str:
     """The model folder or hub id to train; builds the `tiny` preset once per shape and corpus."""
-    if cfg.model.name_or_path != "tiny":
-        local = Path(cfg.model.name_or_path).expanduser()
-        return str(local.resolve()) if local.exists() else cfg.model.name_or_path
+    kind, model = model_reference(cfg.model.name_or_path)  # PreflightError: neither a folder nor a hub id
+    if kind != "tiny":
+        return model
     from workloads.tiny_model import build_tiny_model
 
     files = list_source_files(cfg.data.sources)

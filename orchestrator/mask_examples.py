@@ -30,6 +30,9 @@ def mask_example_html(
     ]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     m = cfg.masking
-    page = to_html(inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response))
+    # the configured λ (a schedule's start value) and the per-segment overrides
+    page = to_html(
+        inspect_rows(encoded, tokenizer, m.mode, m.lambda_instruction, m.lambda_response, m.weights.model_dump())
+    )
     storage.write_text(out_uri, page)
     return out_uri

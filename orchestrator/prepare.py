@@ -11,12 +11,14 @@ selection), so preparing again is a no-op and every trial reads the same
 shards. Segments are stored, not weights: the λ values and masking mode are
 applied by the training step.
 
-Nothing is lost: every row that can't be used lands in `quarantine/` with a
-reason and is counted in the manifest; the run fails only when the bad share
-exceeds `data.max_bad_fraction` (which is not part of the hash: a stricter or
-looser limit judges the same output). The manifest is written last, so a
-folder without one is an interrupted preparation and is redone; its
-`encode_spec` gives later steps the exact `EncodeSpec` (`PreparedData.encode_spec()`).
+Nothing is lost and no row can stop a stage: every row that can't be used
+(unreadable, malformed, unsafe path, undecodable image, duplicate id, fails
+to encode) lands in `quarantine/` with its source, line, id and reason and is
+counted in the manifest; the run fails only when the bad share exceeds
+`data.max_bad_fraction` (not part of the hash: a stricter or looser limit
+judges the same output). The manifest is written last, so a folder without
+one is an interrupted preparation and is redone; its `encode_spec` gives
+later steps the exact `EncodeSpec` (`PreparedData.encode_spec()`).
 
 The stages, each a Ray Data execution of tasks (no actors: an actor holding a
 whole CPU starves the other stages on a 2-core machine):
@@ -24,10 +26,10 @@ whole CPU starves the other stages on a 2-core machine):
 1. read + validate (materialized; `readers`, `validation`): every file is
    read once and split into records, re-cut into blocks of a fixed row count
    so that one big file still spreads over all CPUs; every record is parsed,
-   checked and normalized into columns, so no later stage parses JSON again;
+   checked (images decoded, `data.check_images`) and normalized into columns;
+   then one global pass over the id column finds ids repeated across blocks;
 2. task-template statistics (`template_stats`): a groupby-sum of the
-   instruction sentences across blocks; only the sentences frequent enough
-   to be selected come back to the driver;
+   instruction sentences; only the frequent ones come back to the driver;
 3. encode (materialized; `encoding`): render, tokenize once with offsets,
    segment, compact Arrow columns;
 4. write: shards (good rows) and quarantine (rows that failed validation or
@@ -60,6 +62,10 @@ from orchestrator.validation import (
     QUARANTINE_SCHEMA,
     VALIDATED_SCHEMA,
     _validation_summary,
+    duplicate_ids,
+    duplicate_report,
+    first_occurrences,
+    mark_duplicates,
     reasons_text,
     total_reasons,
     validate_rows,
@@ -71,11 +77,11 @@ if TYPE_CHECKING:
 
 __all__ = ["PREPARE_FORMAT_VERSION", "PrepareError", "PreparedData", "prepare", "preparation_inputs", "preparation_key"]
 
-PREPARE_FORMAT_VERSION = 2
+PREPARE_FORMAT_VERSION = 4  # 3: segments by the reply-wins and visible-character rules, image placement; 4: hardening
 PROGRESS_EVERY_S = 10.0
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 TOKENIZER_FILES += ("config.json", "chat_template.jinja")  # the files of the model folder the key hashes
-ENCODE_SPEC_KEYS = ("template", "num_image_tokens", "max_length", "system_prompt", "image_token")
+ENCODE_SPEC_KEYS = ("template", "num_image_tokens", "max_length", "system_prompt", "image_token", "image_placement")
 
 
 @dataclass
@@ -238,6 +244,7 @@ class _Validated:
     rows_valid: int
     reasons: Counter
     user_turns: int
+    duplicates: dict[str, Any] | None = None  # the manifest's `duplicate_ids` (None: not checked)
 
 
 @dataclass
@@ -256,7 +263,7 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
     cpus = data_cpus or cluster_cpus()
     task_cpus = 1.0 if cpus >= 1 else cpus
     run = _Run(cfg, model_dir, files, key, inputs, out, cpus, task_cpus, rows_per_block(files, cpus), progress)
-    validated = _read_and_validate(run)
+    validated = _duplicate_ids(run, _read_and_validate(run))
     templates = _task_templates(run, validated)
     encoded = _encode(run, validated, templates)
     _write(run, validated, encoded, templates)
@@ -267,31 +274,51 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
 def _read_and_validate(run: _Run) -> _Validated:
     """Stage 1: read every file into records, validate and normalize them (materialized)."""
     data = run.cfg.data
-    image_filesystem = (
-        storage.filesystem(data.image_root)[0] if data.image_root and storage.is_s3(data.image_root) else None
-    )
+    s3_root = data.image_root and storage.is_s3(data.image_root)
     run.say(f"[prepare] read and validate {len(run.files)} file(s) on {run.cpus:g} CPUs -> {run.out}")
     stage = time.perf_counter()
-    fn_kwargs = {
-        "fmt": data.format,
-        "image_root": data.image_root,
-        "check_images": data.check_images,
-        "image_filesystem": image_filesystem,
-    }
+    fn_kwargs = {"fmt": data.format, "image_root": data.image_root, "check_images": data.check_images}
+    fn_kwargs["image_filesystem"] = storage.filesystem(data.image_root)[0] if s3_root else None
+    fn_kwargs["max_row_bytes"] = data.max_row_bytes
     records = read_records(run.files, run.block_rows, run.task_cpus)
     ds = _materialize(run.map(records, validate_rows, fn_kwargs), "read and validate", run.progress, VALIDATED_SCHEMA)
-    summaries = _summaries(ds, _validation_summary, run.task_cpus)
-    rows_in = sum(s["rows"] for s in summaries)
-    reasons = total_reasons(summaries)
-    rows_valid = rows_in - sum(reasons.values())
+    validated = _validated(ds, run.task_cpus)
     seconds = run.timings["read_validate_s"] = time.perf_counter() - stage
-    if rows_in == 0:
+    if validated.rows_in == 0:
         raise PrepareError(f"data.sources: no rows found in {run.files}")
+    rows_in, rows_valid, reasons = validated.rows_in, validated.rows_valid, validated.reasons
     bad = f", {rows_in - rows_valid:,} bad ({reasons_text(reasons)})" if rows_in > rows_valid else ""
     run.say(
         f"[prepare] validated {rows_in:,} rows in {seconds:.1f} s ({_rate(rows_in, seconds)}): {rows_valid:,} good{bad}"
     )
-    return _Validated(ds, rows_in, rows_valid, reasons, user_turns=sum(s["user_turns"] for s in summaries))
+    return validated
+
+
+def _validated(ds, task_cpus: float) -> _Validated:
+    """Row and reason counts of a validated dataset, from its per-block summaries."""
+    summaries = _summaries(ds, _validation_summary, task_cpus)
+    rows_in = sum(s["rows"] for s in summaries)
+    reasons = total_reasons(summaries)
+    user_turns = sum(s["user_turns"] for s in summaries)
+    return _Validated(ds, rows_in, rows_in - sum(reasons.values()), reasons, user_turns)
+
+
+def _duplicate_ids(run: _Run, validated: _Validated) -> _Validated:
+    """Stage 1b (`data.duplicate_ids`): ids carried by more than one good row, kept with a warning or
+    quarantined after their first occurrence (a global pass over the id column; `keep` skips it)."""
+    if run.cfg.data.duplicate_ids == "keep":
+        return validated
+    stage = time.perf_counter()
+    counts = duplicate_ids(validated.ds, run.task_cpus)
+    if counts and run.cfg.data.duplicate_ids == "quarantine":
+        first = first_occurrences(validated.ds, counts, run.files, run.task_cpus)
+        marked = run.map(validated.ds, mark_duplicates, {"first": first})
+        validated = _validated(_materialize(marked, "duplicate ids", run.progress, VALIDATED_SCHEMA), run.task_cpus)
+    validated.duplicates, warning = duplicate_report(counts, run.cfg.data.duplicate_ids)
+    run.timings["duplicate_ids_s"] = time.perf_counter() - stage
+    if warning:
+        run.say(f"[prepare] warning: {warning}")
+    return validated
 
 
 def _task_templates(run: _Run, validated: _Validated) -> TaskTemplateList:
@@ -332,6 +359,7 @@ def _encode(run: _Run, validated: _Validated, templates: TaskTemplateList) -> _E
         "max_length": data.max_length,
         "task_templates": templates.sentences(),
         "system_prompt": data.system_prompt,
+        "image_placement": data.image_placement,
     }
     good = validated.ds.filter(expr=col("ok"))
     ds = _materialize(
@@ -405,6 +433,7 @@ def _manifest(run: _Run, validated: _Validated, encoded: _Encoded, templates: Ta
         "rows_quarantined": sum(reasons.values()),
         "quarantined_by_reason": dict(sorted(reasons.items())),
         "quarantined_at_validation": sum(validated.reasons.values()),
+        "duplicate_ids": validated.duplicates,
         "quarantined_at_encoding": sum(encoded.reasons.values()),
         **encoding_totals(encoded.totals),  # truncated rows, tokens by segment, lengths
         "user_turns": validated.user_turns,
@@ -447,9 +476,7 @@ def _materialize(ds, stage: str, progress: Progress | None, schema: pa.Schema, t
             last = now
             elapsed = now - started
             done = f"{rows:,}" + (f" / {total:,} rows ({rows / total:.0%})" if total else " rows")
-            eta = ""
-            if total and rows:
-                eta = f", about {max(0.0, elapsed * (total - rows) / rows):.0f} s left"
+            eta = f", about {max(0.0, elapsed * (total - rows) / rows):.0f} s left" if total and rows else ""
             progress(f"[prepare] {stage}: {done}, {_rate(rows, elapsed)}{eta}")
     # Public API: a dataset over the executed blocks (their metadata is read back by small tasks).
     return ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(schema.empty_table())

@@ -177,24 +177,29 @@ def _split_parquet(source: str, data: bytes) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except Exception as error:  # noqa: BLE001 - any reader failure makes the whole file unusable
         return _raw_table(source, [0], [""], [f"malformed_parquet|{source}: can't be read as Parquet: {error}"])
-    rows = table.to_pylist()
-    raws = [json.dumps(row, ensure_ascii=False, default=str) for row in rows]
-    return _raw_table(source, np.arange(1, len(rows) + 1), raws)
+    raws, errors = [], []
+    for number, row in enumerate(rows, start=1):
+        try:
+            raws.append(json.dumps(row, ensure_ascii=False, default=str))
+            errors.append(None)
+        except (TypeError, ValueError, RecursionError) as error:
+            raws.append("")
+            errors.append(f"malformed_parquet|{source}:{number}: row can't be read as a record: {error}")
+    return _raw_table(source, np.arange(1, len(rows) + 1), raws, errors)
 
 
 def split_files(batch: pa.Table, sources: dict[str, str]) -> Iterator[pa.Table]:
     """Ray Data stage: whole files (`path`, `bytes`) -> one row per record `{source, line, raw, error}`."""
     for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
         source = sources.get(path, path)
-        if source.endswith(".jsonl"):
-            yield _split_jsonl(source, data)
-        elif source.endswith(".parquet"):
-            yield _split_parquet(source, data)
-        else:
-            yield _split_json(source, data)
+        split = _split_jsonl if source.endswith(".jsonl") else _split_parquet if source.endswith(".parquet") else None
+        try:
+            yield (split or _split_json)(source, data or b"")
+        except Exception as error:  # noqa: BLE001 - a file no splitter expected is one bad row, not a dead stage
+            yield _raw_table(source, [0], [""], [f"unreadable_file|{source}: can't be split into records: {error}"])
 
 
 def read_records(files: list[str], rows_per_block: int, num_cpus: float):
@@ -231,3 +236,19 @@ def rows_per_block(files: list[str], cpus: float) -> int:
         total_bytes += fs.get_file_info(path).size or 0
     estimated_rows = total_bytes / 256  # LLaVA rows are 250 B (short VQA) to a few kB
     return int(min(MAX_ROWS_PER_BLOCK, max(MIN_ROWS_PER_BLOCK, math.ceil(estimated_rows / max(1.0, 4 * cpus)))))
+
+
+def local_records(files: list[str]) -> Iterator[tuple[str, int, str]]:
+    """(source, line, raw JSON text) of every readable record of `files`, in this process (no Ray).
+
+    The same splitting as `read_records`; records that can't be read are skipped (preparation
+    quarantines them, callers of this only need the good ones).
+    """
+    for source in files:
+        fs, path = storage.filesystem(source)
+        with fs.open_input_file(path) as handle:
+            data = handle.read()
+        for table in split_files(pa.table({"path": [source], "bytes": [data]}), {}):
+            for line, raw, error in zip(*(table.column(c).to_pylist() for c in ("line", "raw", "error"))):
+                if error is None:
+                    yield source, line, raw

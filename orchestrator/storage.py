@@ -18,9 +18,28 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class StorageError(ValueError):
+    """A location that is neither a local path nor an s3:// URI."""
+
 
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def url_scheme(uri: str) -> str | None:
+    """The scheme of a `scheme://...` location (lower case), None for a plain path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else None
+
+
+def check_location(uri: str, key: str = "location") -> None:
+    """StorageError unless `uri` is a local path or an s3:// URI (an `http://` path is not a local folder)."""
+    scheme = url_scheme(uri)
+    if scheme is not None and not is_s3(uri):
+        raise StorageError(f"{key}={redact(uri)!r}: {scheme}:// is not supported; use a local path or an s3:// URI")
 
 
 def absolute(uri: str) -> str:
@@ -49,6 +68,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         bucket_and_key = uri[len("s3://") :]
         return pafs.S3FileSystem(**_s3_options()), bucket_and_key.rstrip("/")
+    check_location(uri)
     return pafs.LocalFileSystem(), absolute(uri)
 
 

@@ -39,6 +39,35 @@ from orchestrator.train import read_history, total_steps
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
 SWEEP_STATE = "sweep.json"
 TRIALS_DIR = "trials"
+SEED_KEY = "train.seed"
+
+
+def point_tag(point: dict[str, Any]) -> str:
+    """The arm a trial belongs to: its point without the seed (JSON, keys sorted)."""
+    return json.dumps({k: v for k, v in point.items() if k != SEED_KEY}, sort_keys=True)
+
+
+SHORT_KEYS = {"masking.lambda_instruction": "λI", "masking.lambda_response": "λA", SEED_KEY: "seed"}
+IDENTITY_PARAMS = ("masking.mode", "masking.lambda_instruction", "masking.lambda_response", SEED_KEY, "train.lr")
+"""Params every child run carries (what `l2t compare` reads, and the learning rate), beside its point's keys."""
+
+
+def trial_title(cfg: ExperimentConfig, point: dict[str, Any]) -> str:
+    """A trial's MLflow run name, by its point: `l2t λI=0.5 λA=1 seed=0` (mode, λs, other swept keys, seed)."""
+    m = cfg.masking
+    parts = [m.mode, f"λI={m.lambda_instruction:g}", f"λA={m.lambda_response:g}"]
+    for key, value in sorted(point.items()):
+        if key not in SHORT_KEYS and key != "masking.mode":
+            short = key.rsplit(".", 1)[-1]
+            parts.append(f"{short}={value:g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join([*parts, f"seed={cfg.train.seed}"])
+
+
+def trial_params(cfg: ExperimentConfig, point: dict[str, Any]) -> dict[str, Any]:
+    """A child run's config params: only what differs between trials (its point) and IDENTITY_PARAMS;
+    the whole resolved config is the run's `config.json` artifact."""
+    flat = cfg.flat()
+    return {key: flat.get(key) for key in (*IDENTITY_PARAMS, *sorted(point)) if key in flat}
 
 
 def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
@@ -52,7 +81,7 @@ def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     axes.update({k: list(v) for k, v in s.parameters.items()})
     if s.search == "points":
         points = [dict(p) for p in s.points]
-    elif not axes:
+    elif not axes and not s.seeds:
         raise ConfigError(
             "sweep: nothing to sweep; set sweep.lambda_instruction, sweep.lambda_response or sweep.parameters"
         )
@@ -63,6 +92,8 @@ def sweep_points(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
     if not points:
         raise ConfigError("sweep: no trials (sweep.points is empty)")
+    if s.seeds:
+        points = [{**point, SEED_KEY: seed} for point in points for seed in s.seeds]
     for i, point in enumerate(points):
         try:
             with_overrides(cfg, point)
@@ -103,7 +134,7 @@ class SweepResult:
 
 
 def _trial(
-    config: dict[str, Any], *, cfg_json: dict, model_dir: str, prepared_path: str, dataset, sweep_path: str
+    config: dict[str, Any], *, cfg_json: dict, model_dirs: dict, prepared_path: str, dataset, sweep_path: str
 ) -> None:
     """One Tune trial: `run_experiment` (a Ray Train fit reporting to Tune, then evaluation); MLflow is the driver's."""
     import ray.tune
@@ -122,7 +153,7 @@ def _trial(
     result = run_experiment(
         cfg,
         run_name=f"{Path(sweep_path).name}-{trial_id}",
-        inputs=(cfg, model_dir, prepared),
+        inputs=(cfg, model_dirs[cfg.train.seed], prepared),
         callbacks=[TuneReportCallback()],
         dataset=dataset,
         track=False,
@@ -165,6 +196,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     name = sweep_name(cfg)
     path = layout.sweep_dir(cfg.storage.path, name)
     resolved, model_dir, prepared = prepare_inputs(cfg)
+    model_dirs = _model_per_seed(resolved, model_dir, prepared, points)
     concurrent, worker_cpus = trial_layout(resolved, len(points))
     resolved = with_overrides(resolved, {"train.cpus_per_worker": worker_cpus, "train.ingest": "materialize"})
     workers = f"{resolved.train.num_workers} workers x {worker_cpus:g} CPU each"
@@ -178,7 +210,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
         ray.tune.with_parameters(
             _trial,
             cfg_json=resolved.model_dump(mode="json"),
-            model_dir=model_dir,
+            model_dirs=model_dirs,
             prepared_path=prepared.path,
             dataset=dataset,
             sweep_path=path,
@@ -188,6 +220,28 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     results = _tuner(resolved, name, trainable, points, concurrent, prepared).fit()
     trials = _log_trials(resolved, state, path, results, prepared)
     return SweepResult(name=name, path=path, parent_run_id=state["parent_run_id"], trials=trials)
+
+
+def _model_per_seed(cfg: ExperimentConfig, model_dir: str, prepared: PreparedData, points: list[dict]) -> dict:
+    """{seed: model folder}: the tiny preset draws its initial weights from the seed, so each seed gets its own
+    (same tokenizer, so every trial shares the prepared data); any other model is the same folder for all."""
+    from orchestrator.inputs import resolve_model
+    from orchestrator.prepare import preparation_key
+    from orchestrator.readers import list_source_files
+
+    seeds = sorted({int(p.get(SEED_KEY, cfg.train.seed)) for p in points} | {cfg.train.seed})
+    if cfg.model.name_or_path != "tiny":
+        return {seed: model_dir for seed in seeds}
+    files = list_source_files(cfg.data.sources)
+    out = {}
+    for seed in seeds:
+        seeded = with_overrides(cfg, {SEED_KEY: seed})
+        out[seed] = resolve_model(seeded)
+        if preparation_key(seeded, files, out[seed]) != prepared.manifest["key"]:
+            raise ConfigError(
+                f"sweep.seeds: the tiny preset of seed {seed} has another tokenizer than seed {cfg.train.seed}"
+            )
+    return out
 
 
 def _sweep_state(cfg: ExperimentConfig, name: str, path: str, points: list[dict]) -> dict[str, Any]:
@@ -292,16 +346,24 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
             artifacts["eval"] = summary["eval_samples"]
         log_training_run(
             trial_cfg,
-            run_name=run_name,
+            run_name=trial_title(trial_cfg, point),
+            config_params=trial_params(trial_cfg, point),
             history=history,
             eval_metrics=trial["eval"],
             params={
                 "prepared.key": prepared.manifest["key"],
                 "sweep.name": state["name"],
                 "model.exported_to": (summary or {}).get("model_dir", ""),
+                "seed": trial_cfg.train.seed,
             },
             artifacts=artifacts,
             parent_run_id=parent,
-            tags={"l2t.trial_id": trial_id, "l2t.trial_status": status, "l2t.sweep": state["name"]},
+            tags={
+                "l2t.trial_id": trial_id,
+                "l2t.trial_status": status,
+                "l2t.sweep": state["name"],
+                "l2t.point": point_tag(point),
+                "l2t.seed": str(trial_cfg.train.seed),
+            },
         )
     return trials

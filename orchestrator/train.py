@@ -22,9 +22,12 @@ run's weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +89,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
             prepared = PreparedData.load(resume_stream["prepared"])
             source = training_dataset(prepared, **resume_stream["load"], rows=rows, owner=owner, rank=rank)
         rows = source.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
-        return ordered_micro_batches(rows, order, cfg.train.micro_batch_size)
+        return ordered_micro_batches(
+            rows, order, cfg.train.micro_batch_size, max_bad_fraction=cfg.data.max_bad_fraction
+        )
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -103,8 +108,10 @@ def _worker_entry(config: dict[str, Any]) -> None:
             run_training(cfg, epoch_batches, report, resume_dir=resume_dir, **fit)
 
 
-def _metrics_logger(log_uri: str, total_steps: int, label: str):
-    """A controller-side callback: append rank 0's metrics (and each rank's trained tokens) per report; progress."""
+def _metrics_logger(log_uri: str, total_steps: int, label: str, live: Callable[[dict], None] | None = None):
+    """A controller-side callback: append rank 0's metrics (and each rank's trained tokens) per report, hand
+    them to `live` (MLflow, `tracking.LiveMetrics`) as they come. Progress lines are the driver's (`_progress`):
+    the controller's own output stays in Ray's logs unless the command is verbose."""
     from ray.train import UserCallback
 
     class MetricsLog(UserCallback):
@@ -112,17 +119,51 @@ def _metrics_logger(log_uri: str, total_steps: int, label: str):
             row = dict(metrics[0])
             row["trained_tokens_by_rank"] = [m.get("trained_tokens_rank") for m in metrics]
             storage.append_text(log_uri, json.dumps(row) + "\n")
-            step = int(row.get("step", 0))
-            if row.get("final") or step == 1 or step % max(1, total_steps // 10) == 0:
-                print(
-                    f"[{label}] step {step}/{total_steps} loss {row.get('loss', float('nan')):.4f} "
-                    f"instr {row.get('loss_instruction', float('nan')):.3f} "
-                    f"resp {row.get('loss_response', float('nan')):.3f} "
-                    f"{row.get('tokens_per_s', 0):.0f} tok/s, padding {row.get('padding_share', 0):.1%}",
-                    flush=True,
-                )
+            if live is not None:
+                live(row)
 
     return MetricsLog()
+
+
+def _progress_line(row: dict[str, Any], total_steps: int, label: str) -> str:
+    return (
+        f"[{label}] step {int(row.get('step', 0))}/{total_steps} loss {row.get('loss', float('nan')):.4f} "
+        f"(instr {row.get('loss_instruction', float('nan')):.3f}, resp {row.get('loss_response', float('nan')):.3f}) "
+        f"{row.get('tokens_per_s', 0):.0f} tok/s"
+    )
+
+
+@contextlib.contextmanager
+def _progress(log_uri: str, total_steps: int, label: str, every_s: float = 2.0):
+    """While the fit runs, a driver thread reads `metrics.jsonl` and prints a line at the first report, about
+    every fifth of the run and the last step."""
+    stop = threading.Event()
+    cadence = max(1, total_steps // 5)
+
+    def watch() -> None:
+        shown, interval = 0, every_s * (3 if storage.is_s3(log_uri) else 1)
+        while True:
+            stopping = stop.wait(interval)
+            try:
+                rows = read_history(log_uri)
+            except (OSError, ValueError):  # a line being written
+                rows = []
+            for row in rows:
+                step = int(row.get("step", 0))
+                crossed = step // cadence > shown // cadence  # reports may come every log_every steps
+                if step > shown and (shown == 0 or crossed or step >= total_steps or row.get("final")):
+                    print(_progress_line(row, total_steps, label), file=sys.stderr, flush=True)
+                    shown = step
+            if stopping:
+                return
+
+    thread = threading.Thread(target=watch, name="l2t-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def read_history(log_uri: str) -> list[dict[str, Any]]:
@@ -148,17 +189,20 @@ def _run_fingerprint(cfg: ExperimentConfig, deepspeed: dict, prepared: PreparedD
     return stable_hash(blob)
 
 
-def _claim_run_folder(run_path: str, fingerprint: str, label: str) -> None:
-    """Keep an unfinished run of the same configuration (Ray Train resumes it); replace anything else."""
+def _claim_run_folder(run_path: str, fingerprint: str, label: str, fresh: bool = False) -> bool:
+    """Keep an unfinished run of the same configuration (Ray Train resumes it) unless `fresh`; replace anything
+    else. True when the run resumes."""
     state_uri = storage.join(run_path, RUN_STATE_FILE)
     if storage.exists(run_path):
         state = json.loads(storage.read_text(state_uri)) if storage.exists(state_uri) else {}
-        if state.get("fingerprint") == fingerprint and not state.get("finished"):
+        if state.get("fingerprint") == fingerprint and not state.get("finished") and not fresh:
             print(f"[{label}] resuming the unfinished run in {run_path} from its latest checkpoint", flush=True)
-            return
-        print(f"[{label}] replacing the earlier run in {run_path}", flush=True)
+            return True
+        why = "--fresh" if fresh else ("it finished" if state.get("finished") else "its configuration differs")
+        print(f"[{label}] starting over ({why}): replacing the earlier run in {run_path}", flush=True)
         storage.delete_dir(run_path)
     storage.write_text(state_uri, json.dumps({"fingerprint": fingerprint, "finished": False}))
+    return False
 
 
 def _data_plan(cfg: ExperimentConfig, rows: PreparedRows, run_name: str, group_steps: int) -> tuple[BatchPlan, dict]:
@@ -177,6 +221,7 @@ def _data_plan(cfg: ExperimentConfig, rows: PreparedRows, run_name: str, group_s
         f"[{run_name}] data plan: {data['rows']} rows, global batch {plan.global_batch}, "
         f"{plan.steps_per_epoch} steps/epoch; padding {data['padding_share_planned']:.1%} grouped by length "
         f"(vs {data['padding_share_ungrouped']:.1%} in data order)",
+        file=sys.stderr,
         flush=True,
     )
     return plan, data
@@ -206,12 +251,16 @@ def run_train(
     dataset=None,
     wrap_report: Callable[[ReportFn], ReportFn] | None = None,
     length_group_steps: int = LENGTH_GROUP_STEPS,
+    live_metrics: Callable[[dict], None] | None = None,
+    fresh: bool = False,
 ) -> TrainResult:
     """One Ray Train fit of `cfg` on prepared data; returns the exported model and the curve.
 
     `callbacks`: more Ray Train `UserCallback`s (e.g. Tune's report callback).
     `dataset`: a `training_dataset` of all rows, already materialized, shared by several fits.
     `wrap_report`: wraps each worker's report function (tests inject faults with it).
+    `live_metrics`: called on the controller with each report's metrics row (live MLflow logging).
+    `fresh`: start over even when an unfinished run of the same configuration could resume.
     """
     from ray.data import DataContext
 
@@ -224,7 +273,7 @@ def run_train(
     storage_path = storage.absolute(cfg.storage.path)
     run_path = layout.run_dir(storage_path, run_name)
     log_uri = storage.join(run_path, layout.RUN_METRICS)
-    _claim_run_folder(run_path, _run_fingerprint(cfg, deepspeed, prepared, plan), run_name)
+    _claim_run_folder(run_path, _run_fingerprint(cfg, deepspeed, prepared, plan), run_name, fresh)
 
     train = cfg.train
     worker_cpus = cpus_per_worker(train.num_workers, train.cpus_per_worker, train.use_gpu)
@@ -246,11 +295,12 @@ def run_train(
     }
     if dataset is None and not materialize:
         loop_config["resume_stream"] = {"prepared": prepared.path, "load": load, "chunks": rows.chunks}
-    callbacks = [_metrics_logger(log_uri, total_steps, run_name), *(callbacks or [])]
+    callbacks = [_metrics_logger(log_uri, total_steps, run_name, live_metrics), *(callbacks or [])]
     trainer = _trainer(
         cfg, run_name, worker_cpus, loop_config, rank_datasets(plan, make_dataset, shared=dataset), callbacks
     )
-    result = trainer.fit()
+    with _progress(log_uri, total_steps, run_name):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a final checkpoint")
     export_dir = _export_locally(result, storage_path, run_name)

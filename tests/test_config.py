@@ -85,6 +85,38 @@ def test_overrides_apply_and_validate():
         apply_overrides({}, ["train.lr"])
 
 
+def test_the_old_mode_name_fails_with_the_new_one(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIG_DIR / "quickstart.yaml", ["masking.mode=l2t_no_template"])
+    assert "masking.mode" in str(error.value) and "use 'l2t'" in str(error.value)
+    from orchestrator.sweep import sweep_points
+
+    swept = load_config(
+        CONFIG_DIR / "lambda_grid.yaml", ["sweep.parameters={masking.mode: [response, l2t_no_template]}"]
+    )
+    with pytest.raises(ConfigError, match="use 'l2t'"):
+        sweep_points(swept)
+
+
+def test_masking_knobs_are_dotted_keys():
+    cfg = load_config(
+        CONFIG_DIR / "quickstart.yaml",
+        [
+            "masking.weights.role=0.1",
+            "masking.normalize=per_part",
+            "masking.schedule.lambda_instruction.kind=cosine",
+            "masking.schedule.lambda_instruction.end=0",
+            "data.image_placement=as_written",
+        ],
+    )
+    assert cfg.masking.weights.role == 0.1 and cfg.masking.normalize == "per_part"
+    assert cfg.masking.schedule.lambda_instruction.kind == "cosine" and cfg.masking.schedule.lambda_instruction.end == 0
+    with pytest.raises(ConfigError, match=r"masking\.normalize"):
+        load_config(CONFIG_DIR / "quickstart.yaml", ["masking.normalize=mean"])
+    with pytest.raises(ConfigError, match=r"masking\.weights\.rol: unknown key"):
+        load_config(CONFIG_DIR / "quickstart.yaml", ["masking.weights.rol=1"])
+
+
 def test_a_source_is_required():
     with pytest.raises(ConfigError, match="data.sources or data.synthetic"):
         from orchestrator.config import config_from_dict

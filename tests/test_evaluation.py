@@ -22,11 +22,12 @@ from workloads.eval_questions import (
     normalize_question,
     parse_question_lines,
     question_conversation,
+    question_prompt,
     synthetic_chair_vocabularies,
     synthetic_questions,
 )
 from workloads.eval_summary import SampleResult, as_sample, sample_rows, score_prediction, summarize
-from workloads.evaluator import Evaluator, evaluate
+from workloads.evaluator import Evaluator, encode_prompts, evaluate
 from workloads.segments import EncodeSpec
 
 # ---------------------------------------------------------------- question rows
@@ -119,6 +120,7 @@ def test_captions_are_not_scored_per_sample_and_rows_without_answers_are_kept():
     bare = normalize_question({"question_id": "t", "image": "a.png", "prompt": "What is it?"})
     assert bare["answer"] is None and bare["references"] == [] and score_prediction(bare, "a dog") is None
     assert question_conversation(bare).turns[0].text == "<image>\nWhat is it?"
+    assert question_prompt(bare).turns == question_conversation(bare).turns[:1]
 
 
 def test_bad_question_rows_are_refused_with_their_position():
@@ -142,6 +144,64 @@ def test_question_lines_accept_jsonl_json_lists_limits_and_a_default_kind():
     assert {q["kind"] for q in parse_question_lines(lines, default_kind="pope")} == {"pope"}
     as_list = json.dumps([json.loads(line) for line in lines])
     assert [q["question_id"] for q in parse_question_lines([as_list])] == ["0", "1", "2", "3", "4"]
+
+
+# ---------------------------------------------------------------- generation prompts
+
+ANSWERS = ("2", "Red", "A small red circle sits on the left of the picture.")
+
+
+@pytest.fixture(scope="module")
+def prompt_tokenizers():
+    from workloads.tokenizer_factory import train_tokenizer
+
+    corpus = ["What is the color of the shape? Red. How many shapes are there? 2. A red circle on the left."] * 20
+    return {
+        family: train_tokenizer(corpus, family=family, vocab_size=400) for family in ("byte_bpe", "sentencepiece_bpe")
+    }
+
+
+MARKERS = {"vicuna_v1": " ASSISTANT:", "phi": " ASSISTANT:", "qwen2": "<|im_start|>assistant\n", "llama3": "\n\n"}
+
+
+@pytest.mark.parametrize("family", ["byte_bpe", "sentencepiece_bpe"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "phi", "qwen2", "llama3", "tokenizer"])
+def test_generation_prompt_ids_do_not_depend_on_the_reference_answer(prompt_tokenizers, family, template):
+    """The prompt is rendered from the question alone: the same ids for every answer, and exactly the
+    answered row's ids up to the assistant marker. Cutting the answered row at its first RESPONSE
+    token instead (the old way) depends on how the answer tokenizes: with the sentencepiece
+    tokenizer, " 2" is a lone "▁" and then "2", and the "▁" of the answer ended up in the prompt."""
+    from workloads.segments import encode_conversations
+
+    tokenizer = prompt_tokenizers[family]
+    spec = EncodeSpec(template, 3, 512)
+    prompts = []
+    for answer in ANSWERS:
+        row = normalize_question({"question_id": 1, "image": "a.png", "text": "How many shapes?", "answer": answer})
+        (prompt,) = encode_prompts([question_prompt(row)], tokenizer, spec)
+        (full,) = encode_conversations([question_conversation(row)], tokenizer, spec)
+        assert full.input_ids[: len(prompt)].astype(np.int64).tolist() == prompt.tolist()
+        assert tokenizer.decode(full.input_ids[len(prompt) :], skip_special_tokens=True).strip() == answer
+        if family == "sentencepiece_bpe" and template in ("vicuna_v1", "phi") and answer == "2":
+            assert tokenizer.convert_ids_to_tokens(int(full.input_ids[len(prompt)])) == "▁"  # the row that shows it
+        prompts.append(prompt.tolist())
+    assert prompts[0] == prompts[1] == prompts[2]
+    text = tokenizer.decode(prompts[0])
+    assert text.endswith(MARKERS.get(template, "<|im_start|>assistant\n"))
+    assert prompts[0].count(tokenizer.convert_tokens_to_ids("<image>")) == 3  # one image block, expanded
+
+
+def test_generation_prompts_follow_the_image_placement(prompt_tokenizers):
+    tokenizer = prompt_tokenizers["byte_bpe"]
+    row = normalize_question({"question_id": 1, "image": "a.png", "text": "What color?\n<image>", "answer": "Red"})
+    texts = {}
+    for placement in ("auto", "front", "as_written"):
+        (prompt,) = encode_prompts(
+            [question_prompt(row)], tokenizer, EncodeSpec("vicuna_v1", 1, 512, image_placement=placement)
+        )
+        texts[placement] = tokenizer.decode(prompt)
+    assert texts["auto"] == texts["front"] and texts["front"].endswith(" USER: <image>\nWhat color? ASSISTANT:")
+    assert texts["as_written"].endswith(" USER: What color?\n<image> ASSISTANT:")
 
 
 # ---------------------------------------------------------------- aggregation
@@ -285,6 +345,27 @@ def test_results_do_not_depend_on_batching(tiny, suite):
         "chair_i",
         "accuracy_count",
     } <= set(whole)
+
+
+def test_the_evaluator_generates_from_the_question_alone(tiny, suite, monkeypatch):
+    model, tokenizer, processor, spec = tiny
+    questions, root = suite
+    question = questions[0]
+    rows = [{**question, "question_id": f"{question['question_id']}-{i}", "answer": a} for i, a in enumerate(ANSWERS)]
+    seen = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"].tolist())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    samples = Evaluator(model, tokenizer, processor, spec, image_root=root, max_new_tokens=2)(rows)
+    (batch,) = seen
+    (expected,) = encode_prompts([question_prompt(question)], tokenizer, spec)
+    assert batch == [expected.tolist()] * len(ANSWERS)  # same length, so no left padding
+    assert len({s.prediction for s in samples}) == 1 and all(s.error is None for s in samples)
+    assert len({s.response_tokens for s in samples}) > 1  # scoring still uses each reference answer
 
 
 def test_null_images_beam_search_and_awkward_rows(tiny, suite):

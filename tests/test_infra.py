@@ -4,11 +4,13 @@
   schema JSON shipped in the ray package, after Ray fills in its AWS
   defaults) and keeps its promises: a head that takes no work, GPU groups
   from 0 with spot options, an idle timeout, the image, instance profiles,
-  no port open to the world but SSH, token auth;
-- the KubeRay manifests parse and carry what the operator needs;
-- the Dockerfile builds on Ray's GPU image of the installed Ray version;
-- `l2t submit` plans jobs (entrypoint, runtime_env, id, metadata, auth)
-  and refuses credentials, before any cluster is contacted.
+  no port open to the world (SSH only from the user's CIDR, in a group Ray
+  does not make), token auth;
+- the KubeRay manifests parse and carry what the operator needs, /dev/shm
+  memory volumes, MLflow credentials from a Secret, true resume steps;
+- the Dockerfile builds on Ray's GPU image of the installed Ray version.
+
+`l2t submit`'s job plans are tests/test_submit_plan.py.
 """
 
 from __future__ import annotations
@@ -116,17 +118,56 @@ def test_aws_nodes_run_the_image_with_an_instance_profile_and_token_auth(aws):
     _no_credentials(AWS_YAML)
 
 
-def test_aws_opens_no_port_to_the_world_but_ssh(aws):
+def test_aws_opens_no_port_to_the_world_ssh_included(aws, monkeypatch):
+    """A group Ray makes itself always gets SSH from 0.0.0.0/0; every node names the user's group instead."""
+    from ray.autoscaler._private.aws import config as aws_config
+    from ray.autoscaler._private.util import prepare_config
+
     rules = aws["provider"].get("security_group", {}).get("IpPermissions", [])
     for rule in rules:
         ranges = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {
             r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
         }
-        if ranges & WORLD:
-            assert rule.get("FromPort") == rule.get("ToPort") == 22, f"open to the world: {rule}"
+        assert not ranges & WORLD, f"open to the world: {rule}"
+    for name, node_type in aws["available_node_types"].items():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["L2T_SECURITY_GROUP_ID"], name
+    # What `ray up` does with the groups: with SecurityGroupIds on every node type it makes none (no AWS call).
+    monkeypatch.setattr(aws_config, "_resource", lambda *a, **k: pytest.fail("Ray would make a security group"))
+    monkeypatch.setattr(aws_config, "_client", lambda *a, **k: pytest.fail("Ray would make a security group"))
+    prepared = prepare_config(copy.deepcopy(aws))
+    assert aws_config._configure_security_group(prepared) is prepared
     text = AWS_YAML.read_text()
-    assert "--dashboard-port" not in text and "8265" not in text.split("security_group", 1)[1].split("auth:", 1)[0]
+    assert "--dashboard-port" not in text and "8265" not in yaml.safe_dump(aws["provider"])
+    assert "infra/aws/security-group.sh VPC_ID SSH_CIDR" in text and "L2T_SECURITY_GROUP_ID/$group" in text
     assert aws["provider"].get("use_internal_ips") in (None, False)
+
+
+def test_aws_security_group_script_opens_ssh_to_the_users_cidr_only(tmp_path):
+    import os
+    import subprocess
+
+    script = INFRA / "aws" / "security-group.sh"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "aws").write_text('#!/bin/sh\necho "$@" >> "$AWS_CALLS"\necho sg-0123\n')
+    (fake / "aws").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "AWS_CALLS": str(tmp_path / "calls")}
+
+    def run(*args):
+        return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=30)
+
+    for world in ("0.0.0.0/0", "::/0", "SSH_CIDR", "not-a-cidr"):
+        refused = run("vpc-1", world)
+        assert refused.returncode == 2 and not (tmp_path / "calls").exists(), (world, refused.stderr)
+    assert run("vpc-1").returncode != 0, "SSH_CIDR is required"
+    made = run("vpc-1", "203.0.113.7/32")
+    assert made.returncode == 0 and made.stdout.strip() == "sg-0123", made.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    ingress = [c for c in calls if c.startswith("ec2 authorize-security-group-ingress")]
+    assert len(ingress) == 2
+    assert any("UserIdGroupPairs=[{GroupId=sg-0123}]" in c for c in ingress), "node to node"
+    (ssh,) = [c for c in ingress if "--port 22" in c]
+    assert "--cidr 203.0.113.7/32" in ssh and "0.0.0.0/0" not in " ".join(calls)
 
 
 def test_iam_policies_grant_the_bucket_not_everything():
@@ -173,6 +214,26 @@ def _check_resources(resources: dict, where: str) -> None:
     assert gpus["requests"] == gpus["limits"], f"{where}: GPU requests and limits must match"
 
 
+def _check_shm(pod: dict, container: dict, where: str) -> None:
+    """Ray's object store lives in /dev/shm: a memory volume there (a container's own is 64 MiB)."""
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    assert "/dev/shm" in mounts, f"{where}: no /dev/shm volume (Ray's object store would fall back to /tmp)"
+    (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mounts["/dev/shm"]]
+    assert volume["emptyDir"]["medium"] == "Memory", f"{where}: /dev/shm must be an emptyDir of medium Memory"
+    assert QUANTITY.match(str(volume["emptyDir"]["sizeLimit"])), where
+
+
+def _check_tracking_credentials(container: dict, where: str) -> None:
+    """MLflow's login reaches the head (the drivers) from a Secret, never as a value or from a ConfigMap."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "l2t-mlflow" and ref["key"] == key and "value" not in env[name], where
+    for name, entry in env.items():
+        if re.search(r"(?i)(secret|key_id|password|token)", name):
+            assert "value" not in entry and set(entry["valueFrom"]) == {"secretKeyRef"}, f"{where}: {name}"
+
+
 def _check_cluster_spec(spec: dict, where: str) -> dict:
     """What the KubeRay operator needs of a RayClusterSpec; returns the image."""
     assert spec["rayVersion"] == _ray_version(), f"{where}: rayVersion must match the installed Ray"
@@ -193,6 +254,8 @@ def _check_cluster_spec(spec: dict, where: str) -> dict:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
     _check_resources(container["resources"], f"{where} head")
+    _check_shm(head["template"]["spec"], container, f"{where} head")
+    _check_tracking_credentials(container, f"{where} head")
     image = container["image"]
     sa = head["template"]["spec"]["serviceAccountName"]
     names = set()
@@ -213,6 +276,7 @@ def _check_cluster_spec(spec: dict, where: str) -> dict:
             assert not re.search(r"(?i)(secret|key_id|password|token)", value["name"]), (
                 f"{gwhere}: credentials in the pod spec"
             )
+        _check_shm(pod, worker, gwhere)
     gpu_groups = [
         g
         for g in spec["workerGroupSpecs"]
@@ -263,6 +327,33 @@ def test_kuberay_rayjob_runs_a_sweep_on_a_cluster_of_its_own():
     assert volumes[volume]["configMap"]["name"] == "l2t-experiment"
     assert f"--from-file={config_path.name}=configs/" in RAYJOB.read_text()
     _no_credentials(RAYJOB)
+
+
+def test_kuberay_rayjob_says_how_to_resume_truthfully():
+    """Applying an unchanged spec to a Failed RayJob does nothing: the comment says delete + apply."""
+    header = " ".join(line.lstrip("# ") for line in RAYJOB.read_text().split("apiVersion:", 1)[0].splitlines())
+    assert "Re-applying after a failure resumes" not in header
+    resume = header[header.index("Resuming after a failure") :]
+    assert "changes nothing" in resume
+    delete = resume.index("kubectl delete -f infra/kuberay/rayjob-sweep.yaml")
+    assert delete < resume.index("kubectl apply -f infra/kuberay/rayjob-sweep.yaml")
+    assert "kubectl replace --force -f infra/kuberay/rayjob-sweep.yaml" in resume
+    docs = (REPO / "docs" / "cluster.md").read_text()
+    assert "kubectl delete -f infra/kuberay/rayjob-sweep.yaml && kubectl apply" in docs
+    assert "kubectl replace --force" in docs
+
+
+def test_the_experiment_configmap_holds_no_tracking_credentials():
+    """The RayJob's ConfigMap is made from the cluster experiment: its tracking URI carries no user:password@."""
+    from orchestrator import storage
+    from orchestrator.config import load_config
+
+    cfg = load_config(EXPERIMENT)
+    assert cfg.tracking.uri and not storage.URL_USERINFO.search(cfg.tracking.uri)
+    for path in (RAYJOB, RAYCLUSTER):
+        text = path.read_text()
+        assert not storage.URL_USERINFO.search(text.replace("${", "")), f"{path.name}: a URL with credentials"
+        assert "configMapKeyRef" not in text, f"{path.name}: settings from a ConfigMap into the environment"
 
 
 def test_cluster_experiment_is_the_papers_recipe_on_one_node_per_trial():
@@ -340,199 +431,6 @@ def test_dockerfile_installs_the_project_on_rays_gpu_image():
     ]
     assert ignore[0] == "**" and {"!orchestrator/**", "!workloads/**", "!configs/**", "!pyproject.toml"} <= set(ignore)
     _no_credentials(DOCKERFILE)
-
-
-# ---------------------------------------------------------------- l2t submit, planned
-
-
-@pytest.fixture()
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-def _plan(*overrides, sweep=True, **kwargs):
-    from orchestrator.submit import plan_submission
-
-    kwargs.setdefault("environ", {})
-    return plan_submission(
-        Path("configs/lambda_grid.yaml"),
-        ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", *overrides],
-        sweep=sweep,
-        **kwargs,
-    )
-
-
-def test_submit_plans_a_sweep_job_from_the_working_directory(in_repo):
-    from orchestrator.config import load_config
-    from orchestrator.sweep import sweep_name
-
-    plan = _plan(
-        "train.lr=1e-4",
-        environ={
-            "AWS_ENDPOINT_URL": "http://minio:9000",
-            "AWS_SECRET_ACCESS_KEY": "x",
-            "AWS_ACCESS_KEY_ID": "y",
-            "AWS_REGION": "eu-west-1",
-        },
-    )
-    assert (
-        plan.entrypoint == "python -m orchestrator.cli sweep configs/lambda_grid.yaml storage.path=s3://bucket/l2t "
-        "tracking.uri=http://mlflow:5000 train.lr=1e-4"
-    )
-    assert re.fullmatch(r"l2t-sweep-lambda-grid-\d{8}-\d{6}-[0-9a-f]{4}", plan.submission_id)
-    assert plan.runtime_env["working_dir"] == str(REPO)
-    assert ".venv/" in plan.runtime_env["excludes"] and ".git/" in plan.runtime_env["excludes"]
-    assert plan.runtime_env["env_vars"] == {
-        "AWS_ENDPOINT_URL": "http://minio:9000",
-        "AWS_REGION": "eu-west-1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    cfg = load_config(
-        REPO / "configs/lambda_grid.yaml",
-        ["storage.path=s3://bucket/l2t", "tracking.uri=http://mlflow:5000", "train.lr=1e-4"],
-    )
-    assert plan.metadata["l2t.sweep"] == sweep_name(cfg) and plan.metadata["l2t.command"] == "sweep"
-    assert all(isinstance(v, str) for v in plan.metadata.values())
-    assert plan.tracking_uri == "http://mlflow:5000"
-    assert len(plan.warnings) == 1 and "data.synthetic" in plan.warnings[0], (
-        "the synthetic set can't be generated on S3"
-    )
-    train = _plan(sweep=False, entrypoint_num_gpus=1, entrypoint_resources={"head": 0.01}, pip=["wandb==0.21"])
-    assert train.entrypoint.startswith("python -m orchestrator.cli train ") and "metadata" in train.submit_kwargs()
-    kwargs = train.submit_kwargs()
-    assert (
-        kwargs["entrypoint_num_gpus"] == 1
-        and kwargs["entrypoint_resources"] == {"head": 0.01}
-        and "entrypoint_num_cpus" not in kwargs
-    )
-    assert train.runtime_env["pip"] == {"packages": ["wandb==0.21"], "pip_check": False}
-
-
-def test_submit_with_an_image_uploads_nothing(in_repo):
-    from orchestrator.submit import SubmitError
-
-    plan = _plan(image="registry/l2t:0.1.0", working_dir=None)
-    assert (
-        plan.runtime_env.keys() == {"image_uri", "env_vars"} and plan.runtime_env["image_uri"] == "registry/l2t:0.1.0"
-    )
-    assert plan.entrypoint.startswith("l2t sweep configs/lambda_grid.yaml ")
-    from ray.runtime_env import RuntimeEnv
-
-    RuntimeEnv(**plan.runtime_env)  # Ray accepts it (image_uri combines with env_vars only)
-    with pytest.raises(SubmitError, match="--pip"):
-        _plan(image="registry/l2t:0.1.0", working_dir=None, pip=["x"])
-
-
-def test_submit_refuses_credentials_and_unusable_configs(in_repo, tmp_path):
-    from orchestrator.config import ConfigError
-    from orchestrator.submit import SubmitError, plan_submission
-
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD"):
-        with pytest.raises(SubmitError, match="credential"):
-            _plan(env={name: "x"})
-    assert _plan(env={"TOKENIZERS_PARALLELISM": "false"}).runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
-    with pytest.raises(SubmitError, match="user:password"):
-        _plan("tracking.uri=http://me:pw@mlflow:5000")
-    with pytest.raises(SubmitError, match="relative"):
-        plan_submission(Path("configs/lambda_grid.yaml"), [], sweep=True, environ={})
-    outside = tmp_path / "x.yaml"
-    outside.write_text((REPO / "configs/lambda_grid.yaml").read_text())
-    with pytest.raises(SubmitError, match="outside the working directory"):
-        plan_submission(outside, ["storage.path=s3://b/x"], sweep=True, environ={})
-    with pytest.raises(ConfigError, match="train.lrr"):
-        _plan("train.lrr=1")
-    with pytest.raises(ConfigError, match="nothing to sweep"):
-        plan_submission(Path("configs/quickstart.yaml"), ["storage.path=s3://b/x"], sweep=True, environ={})
-    local = plan_submission(Path("configs/quickstart.yaml"), ["storage.path=/shared/l2t"], environ={})
-    assert any("local to each node" in w for w in local.warnings) and any(
-        "tracking.uri is unset" in w for w in local.warnings
-    )
-
-
-def test_submit_sends_the_token_only_where_ray_would(tmp_path, monkeypatch):
-    from orchestrator.submit import SubmitError, auth_headers, find_token
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    token_file = tmp_path / "token"
-    token_file.write_text("from-file\n")
-    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(token_file)}) == "from-env"
-    assert find_token({"RAY_AUTH_TOKEN_PATH": str(token_file)}) == "from-file"
-    assert find_token({}) is None
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("default")
-    assert find_token({}) == "default"
-    with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
-        find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
-
-    bearer = {"Authorization": "Bearer default"}
-    assert auth_headers("http://127.0.0.1:8265", {}) == bearer  # a local `ray start --head`, a tunnel, a port-forward
-    assert auth_headers("http://localhost:8265", {}) == bearer
-    assert auth_headers("http://10.1.2.3:8265", {}) == {}  # never sent elsewhere unless asked for
-    assert auth_headers("http://10.1.2.3:8265", {"RAY_AUTH_MODE": "token"}) == bearer
-    assert auth_headers("http://127.0.0.1:8265", {"RAY_AUTH_MODE": "disabled"}) == {}
-    (tmp_path / ".ray" / "auth_token").unlink()
-    assert auth_headers("http://127.0.0.1:8265", {}) == {}
-    with pytest.raises(SubmitError, match="no token"):
-        auth_headers("http://10.1.2.3:8265", {"RAY_AUTH_MODE": "token"})
-
-
-def test_submit_finds_mlflow_runs_in_driver_logs_and_links_them():
-    from orchestrator.submit import mlflow_link, mlflow_runs_in
-
-    a, b = "a" * 32, "0123456789abcdef" * 2
-    logs = (
-        f"...\nsweep x: 2 trials; MLflow parent\nrun\n{a} in http://m:5000\n"
-        f"MLflow run {b} in sqlite:///x.db\nMLflow parent run {a} in ...\n"
-    )
-    assert mlflow_runs_in(logs) == [("parent run", a), ("run", b)]
-    assert mlflow_link("http://127.0.0.1:9", a) == f"http://127.0.0.1:9 (run {a})"  # no server: the run id and where
-    assert mlflow_link(None, a) == f"run {a} in a SQLite store under storage.path on the cluster"
-    assert mlflow_link("http://user:pw@m:5000", a, ui_url="https://ui.example") == f"https://ui.example (run {a})"
-    assert "pw" not in mlflow_link("http://user:pw@127.0.0.1:9", a)
-
-
-def test_submit_command_line():
-    import typer
-    from typer.testing import CliRunner
-
-    from orchestrator import cli
-    from orchestrator.cli.submit_command import command
-
-    app = typer.Typer()
-    app.command()(command)
-    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
-    assert result.exit_code == 0
-    for option in (
-        "--address",
-        "--sweep",
-        "--working-dir",
-        "--image",
-        "--pip",
-        "--env",
-        "--submission-id",
-        "--entrypoint-num-gpus",
-        "--entrypoint-resource",
-        "--no-follow",
-        "--mlflow-ui",
-    ):
-        assert option in result.output, option
-    bad = CliRunner().invoke(
-        app,
-        [
-            str(REPO / "configs/lambda_grid.yaml"),
-            "--sweep",
-            "--env",
-            "HF_TOKEN=x",
-            "--working-dir",
-            str(REPO),
-            "--address",
-            "http://127.0.0.1:9",
-            "storage.path=s3://b/l2t",
-        ],
-    )
-    assert bad.exit_code == 2 and "credential" in bad.output
-    if "submit" in {c.name for c in cli.app.registered_commands}:
-        assert CliRunner().invoke(cli.app, ["submit", "--help"]).exit_code == 0
 
 
 def test_docs_name_only_files_and_commands_that_exist():

@@ -24,7 +24,7 @@ def inspected(request):
     tokenizer = train_tokenizer(["What is it? Cat and dog. " + VQA] * 30, family=request.param, vocab_size=400)
     spec = EncodeSpec("vicuna_v1", num_image_tokens=5, max_length=512, task_templates=(VQA,))
     (row,) = encode_conversations([CONV], tokenizer, spec)
-    return row, inspect_rows([(CONV.id, row)], tokenizer, "l2t_no_template", 0.5, 2.0)
+    return row, inspect_rows([(CONV.id, row)], tokenizer, "l2t", 0.5, 2.0)
 
 
 def test_json_keeps_every_token(inspected):

@@ -8,14 +8,18 @@ import pytest
 
 from workloads.answer_matching import (
     exact_match,
+    gqa_accuracy,
     multiple_choice_accuracy,
     normalize_vqa_answer,
+    parse_choice_llava,
     parse_multiple_choice,
     pope_metrics,
     pope_yes_no,
+    score_short_answer,
     vqa_accuracy,
 )
 from workloads.caption_metrics import bleu, bleu4, cider_d, cider_d_scores, hallucination_rate, tokenize_caption
+from workloads.chair import COCO_OBJECTS, caption_objects, coco_chair, ground_truth_objects, singularize
 from workloads.eval_summary import mean_std
 
 # ---------------------------------------------------------------------------
@@ -120,6 +124,53 @@ def test_multiple_choice_accuracy():
     assert multiple_choice_accuracy("I am not sure", CHOICES, "B") == 0.0
     with pytest.raises(ValueError):
         multiple_choice_accuracy("A", CHOICES, "purple star")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "index"),
+    [
+        ("B", 1),  # a bare letter
+        ("B. red circle", 1),  # letter, period, space
+        ("The answer is C. Because it is green.", 2),
+        ("The answer is Cx", 2),  # sic: LLaVA's "." after the letter is any character
+        ("B.", None),  # no space after the period: LLaVA's parser fails where the lenient one reads B
+        ("(B)", None),
+        ("b", None),
+        ("red circle", None),  # the option's text is not a letter
+        ("The answer is A. The answer is B.", None),  # two answers
+        ("The answer is B", None),  # nothing after the letter
+        ("D", None),  # past the last option
+    ],
+)
+def test_parse_choice_llava(prediction, index):
+    assert parse_choice_llava(prediction, len(CHOICES)) == index
+
+
+def test_choice_parsers_are_a_named_choice():
+    assert multiple_choice_accuracy("B.", CHOICES, "B") == 1.0  # lenient (the default)
+    assert multiple_choice_accuracy("B.", CHOICES, "B", parser="llava") == 0.0
+    assert multiple_choice_accuracy("Blue square.", CHOICES, "A", parser="lenient") == 1.0
+    assert multiple_choice_accuracy("Blue square.", CHOICES, "A", parser="llava") == 0.0
+    assert multiple_choice_accuracy("A. blue square", CHOICES, "blue square", parser="llava") == 1.0
+    with pytest.raises(ValueError, match="choice parser"):
+        multiple_choice_accuracy("A", CHOICES, "A", parser="strict")
+
+
+def test_gqa_rule_is_llavas():
+    # convert_gqa_for_eval.py: prediction.rstrip('.').lower(); GQA's eval.py: exact string match.
+    assert gqa_accuracy("Yes.", ["yes"]) == 1.0
+    assert gqa_accuracy("Table...", ["table"]) == 1.0
+    assert gqa_accuracy("The table", ["table"]) == 0.0  # no article dropping, unlike the VQA normalization
+    assert gqa_accuracy("two", ["2"]) == 0.0  # no number words
+    assert gqa_accuracy("left side", ["left"]) == 0.0
+    assert score_short_answer("The table", ["table"], "exact") == 1.0
+    assert score_short_answer("two", ["2"], "exact") == 1.0
+    assert score_short_answer("The table", ["table"], "gqa") == 0.0
+    answers = ["2", "2"] + ["3"] * 8
+    assert score_short_answer("two", answers, "vqa") == pytest.approx(0.6)  # soft score
+    assert score_short_answer("two", answers, "exact") == 1.0  # any reference
+    with pytest.raises(ValueError, match="answer rule"):
+        score_short_answer("x", ["x"], "fuzzy")
 
 
 # ---------------------------------------------------------------------------
@@ -313,6 +364,62 @@ def test_hallucination_rate_longest_match_and_coverage():
     # Whole words only: "circles" counts, "encircled" does not.
     m = hallucination_rate(["encircled"], [set()], vocabulary)
     assert m["mentions"] == 0 and m["chair_i"] == 0.0 and m["chair_s"] == 0.0
+
+
+def test_coco_chair_worked_example():
+    captions = [
+        "Two men eat hot dogs next to a teddy bear.",  # man -> person, hot dog (not a dog), teddy bear (not a bear)
+        "A man rides a motorbike past a baby giraffe.",  # motorbike -> motorcycle; a baby giraffe is no person
+        "A cat sits on a toilet seat beside a sink.",  # toilet seat -> toilet: the seat is no chair
+        "A sofa and tables in a room.",  # sofa -> couch, tables -> table -> dining table
+        "An empty street.",
+    ]
+    objects = [["person", "hot dog"], ["person", "motorcycle"], ["toilet"], ["couch", "dining table"], []]
+    references = [[], ["A person on a motorcycle near a giraffe."], [], [], []]
+    m = coco_chair(captions, objects, references)
+    # mentions: 3 + 3 + 3 + 2 + 0 = 11; hallucinated: teddy bear; none (the giraffe is in a reference
+    # caption); cat and sink -> 3 -> CHAIR_i 3/11; captions with one: 1st and 3rd -> CHAIR_s 2/5
+    assert m["mentions"] == 11 and m["hallucinated_mentions"] == 3
+    assert m["chair_i"] == pytest.approx(3 / 11) and m["chair_s"] == pytest.approx(2 / 5)
+    assert m["hallucinated"] == [[("teddy bear", "teddy bear")], [], [("cat", "cat"), ("sink", "sink")], [], []]
+    # Without the reference captions the giraffe is not in the ground truth.
+    assert coco_chair(captions, objects)["hallucinated"][1] == [("giraffe", "giraffe")]
+
+
+def test_coco_chair_rules_and_synonyms():
+    assert len(COCO_OBJECTS) == 80
+    assert caption_objects("Children and women with puppies, buses and wine glasses.") == [
+        ("child", "person"),
+        ("woman", "person"),
+        ("puppy", "dog"),
+        ("bus", "bus"),
+        ("wine glass", "wine glass"),
+    ]
+    assert caption_objects("Passenger trains on train tracks.") == [("train", "train")]  # a train track is not
+    assert caption_objects("A bow tie and a cell phone.") == [("tie", "tie"), ("cell phone", "cell phone")]
+    # Quirk of the reference's synonym list (" motor bike" after a double space never matches): nothing.
+    assert caption_objects("A man on a motor bike.") == [("man", "person")]
+    assert ground_truth_objects(["Dining Table", "men", "unicorn"]) == {"dining table", "person"}
+    assert [singularize(w) for w in ["men", "people", "mice", "knives", "buses", "horses", "ponies", "phones"]] == [
+        "man",
+        "person",
+        "mouse",
+        "knife",
+        "bus",
+        "horse",
+        "pony",
+        "phone",
+    ]
+    assert [singularize(w) for w in ["bus", "skis", "scissors", "glass", "taxis", "sheep"]] == [
+        "bus",
+        "skis",
+        "scissors",
+        "glass",
+        "taxi",
+        "sheep",
+    ]
+    with pytest.raises(ValueError):
+        coco_chair(["a dog"], [])
 
 
 # ---------------------------------------------------------------------------

@@ -190,9 +190,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny, policy):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
 
 
-def test_attention_choice():
+def test_attention_choice(monkeypatch, caplog):
+    import workloads.model as model_module
+
     assert attention_implementation("auto", False, torch.float32) == "sdpa"
     assert attention_implementation("eager", True, torch.bfloat16) == "eager"
+    caplog.set_level("INFO", logger="workloads.model")
+    monkeypatch.setattr(model_module, "_flash_attn_problem", lambda: None)  # flash_attn imports
+    assert attention_implementation("auto", True, torch.bfloat16) == "flash_attention_2"
+    assert attention_implementation("auto", True, torch.float32) == "sdpa"  # FlashAttention-2 has no fp32
+    monkeypatch.setattr(model_module, "_flash_attn_problem", lambda: "flash_attn is not installed (pip install .[gpu])")
+    assert attention_implementation("auto", True, torch.bfloat16) == "sdpa"
+    logged = [r.getMessage() for r in caplog.records]
+    assert "attention: flash_attention_2 (model.attn_implementation=auto: flash_attn imports)" in logged
+    assert any(m.startswith("attention: sdpa") and "pip install .[gpu]" in m for m in logged)
+    if model_module.importlib.util.find_spec("flash_attn") is None:
+        assert "not installed" in model_module._flash_attn_problem()
+
+
+def test_prepare_for_training_sets_train_mode_and_turns_the_cache_off(tiny):
+    from workloads.model import prepare_for_training
+
+    model = load_model(tiny)
+    assert not model.training  # from_pretrained hands back a model in eval mode
+    ids = torch.randint(5, 100, (1, 12))
+    assert model.model(input_ids=ids).cache is not None  # and the LM builds a KV cache by default
+    prepare_for_training(model)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.model(input_ids=ids).cache is None
 
 
 def test_training_flops_count_linear_layers_and_attention(tiny):
@@ -225,6 +250,11 @@ def test_training_flops_count_linear_layers_and_attention(tiny):
     apply_freeze_policy(model, "connector_only")
     frozen_lm = TrainingFlops.of(model).step(tokens, tokens * seq, images=10)
     assert frozen_lm == pytest.approx(got - 2 * flops.lm_params * tokens)  # no LM weight gradients
+    # the chunked loss runs the LM head on the scored positions only; images=0 counts the LM alone
+    assert flops.head_params == model.lm_head.weight.numel()
+    head_only = flops.step(tokens, tokens * seq, images=10, head_tokens=tokens - 300)
+    assert head_only == pytest.approx(got - 6 * flops.head_params * 300)
+    assert flops.step(tokens, tokens * seq, images=0) == pytest.approx(lm)
 
 
 def test_mfu_uses_the_gpu_peak(monkeypatch):

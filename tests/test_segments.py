@@ -1,10 +1,18 @@
 """Token segments from offsets: property tests over random conversations, templates and tokenizer families.
 
-What is proven for every generated row (both tokenizer families, every template):
+What is proven for every generated row (every tokenizer family: the factory's
+byte_bpe and sentencepiece_bpe, and a Qwen2-style byte-level BPE with Qwen2's
+own pre-tokenizer pattern, tests/qwen2_style.py; every template):
 
-- exact labels: every token whose span holds a visible (non-whitespace)
-  character has exactly that character's segment, so no token straddles the
-  visible text of two segments;
+- exact labels: every token has the segment that the rule of
+  `encode_conversations` gives it, recomputed here character by character
+  (any reply character -> RESPONSE; else a visible character of the human's
+  words -> that character's segment; else whitespace holding the human's
+  characters -> ROLE; else the first visible, or first, character's
+  segment), and no token holds the visible text of two segments;
+- encoding a row again through special_tokens.respell (every special token
+  kept as the template's) gives exactly the batched tokenization: the
+  sentinel-split encoding cuts the text where the tokenizer itself does;
 - decoding the whole row gives back the rendered text exactly (for
   sentencepiece_bpe, up to the one leading space that Llama-style decoders
   always drop);
@@ -12,13 +20,16 @@ What is proven for every generated row (both tokenizer families, every template)
   Normalization, and why: whitespace at a piece boundary travels with the
   neighbouring token (" The" carries the space after "ASSISTANT:"), so run
   texts are compared with whitespace runs collapsed to one space and
-  stripped, and whitespace-only runs are folded into their neighbour.
+  stripped, and whitespace-only runs are folded into their neighbour (the
+  human's whitespace-only tokens are ROLE by the rule, so a ROLE run of
+  whitespace folds back into the instruction it sits in).
   Metaspace's decoder drops the leading space of every decode call, so each
   run is also decoded in context (decode(ids[:end]) minus decode(ids[:start]));
   alone it must equal that, up to that one space for sentencepiece_bpe;
 - weights: every response and end-of-turn token has λ_A in every mode,
   nothing else is weighted in `response` mode, no system, role, image or
-  task-template token is weighted in `l2t_no_template`, images never;
+  task-template token is weighted in `l2t`, no system or role token in
+  `l2t_no_system`, every instruction-side token in `l2t_full`, images never;
 - lengths agree, image blocks have `num_image_tokens` tokens, and every
   returned row has a trained token.
 """
@@ -32,11 +43,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qwen2_style import train_qwen2_style
 
 from workloads.chat_templates import TEMPLATES, render
 from workloads.conversations import Conversation, ConversationError, Turn, parse_messages
 from workloads.segment_codes import MASKING_MODES, Segment, token_weights
 from workloads.segments import EncodedRow, EncodeSpec, encode_conversations, image_token_id, segment_tokens
+from workloads.special_tokens import SpecialTokens, respell
 from workloads.tokenizer_factory import TOKENIZER_FAMILIES, train_tokenizer
 
 TASKS = ("Answer the question using a single word or phrase.", "Describe the image briefly.")
@@ -82,10 +95,19 @@ def corpus(n: int = 600) -> list[str]:
     return texts
 
 
+FAMILIES = (*TOKENIZER_FAMILIES, "qwen2_bpe")
+
+
+def make_tokenizers() -> dict:
+    texts = corpus()
+    made = {family: train_tokenizer(texts, family=family, vocab_size=2000) for family in TOKENIZER_FAMILIES}
+    made["qwen2_bpe"] = train_qwen2_style(texts)
+    return made
+
+
 @pytest.fixture(scope="module")
 def tokenizers() -> dict:
-    texts = corpus()
-    return {family: train_tokenizer(texts, family=family, vocab_size=2000) for family in TOKENIZER_FAMILIES}
+    return make_tokenizers()
 
 
 # --- random conversations -----------------------------------------------------------------------
@@ -176,9 +198,35 @@ def encode_one(conv, tokenizer, spec) -> EncodedRow:
     return row
 
 
+INSTRUCTION_SIDE = (Segment.INSTRUCTION, Segment.TASK_TEMPLATE)
+
+
+def rule_segment(text: str, char_segment: np.ndarray, start: int, end: int) -> int:
+    """The labeling rule of `encode_conversations`, character by character."""
+    span = range(start, end)
+    if any(char_segment[c] == Segment.RESPONSE for c in span):
+        return Segment.RESPONSE
+    visible = [c for c in span if not text[c].isspace()]
+    human = [c for c in visible if char_segment[c] in INSTRUCTION_SIDE]
+    if human:
+        return int(char_segment[human[0]])
+    if visible:
+        return int(char_segment[visible[0]])
+    if any(char_segment[c] in INSTRUCTION_SIDE for c in span):
+        return Segment.ROLE
+    return int(char_segment[min(start, len(text) - 1)])
+
+
+def char_segments(rendered) -> np.ndarray:
+    char_segment = np.empty(len(rendered.text), dtype=np.int8)
+    for piece in rendered.pieces:
+        char_segment[piece.start : piece.end] = piece.segment
+    return char_segment
+
+
 # --- the properties -----------------------------------------------------------------------------
 
-CASES = [(family, template) for family in TOKENIZER_FAMILIES for template in TEMPLATES]
+CASES = [(family, template) for family in FAMILIES for template in TEMPLATES]
 
 
 @pytest.mark.parametrize("family,template", CASES)
@@ -192,17 +240,25 @@ def test_segments_are_exact(tokenizers, family, template, conv):
     assert ids.dtype == np.int32 and segments.dtype == np.int8 and len(ids) == len(segments)
     assert not row.truncated
 
-    # The batched fast path gives the same ids as the plain transformers call.
+    # The batched fast path gives the same ids as the plain transformers call, and so does the
+    # re-encoding that spells content specials as text, on a row that has none.
     plain = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     assert list(ids) == plain["input_ids"]
+    again = respell(
+        rendered.text, plain["input_ids"], plain["offset_mapping"], [], False, SpecialTokens(tokenizer), "h"
+    )
+    assert again == (plain["input_ids"], [tuple(o) for o in plain["offset_mapping"]])
+    check_labels(tokenizer, family, template, conv, rendered, row, plain["offset_mapping"])
 
-    # Exact labels: each visible character's token carries that character's segment.
-    char_segment = np.empty(len(rendered.text), dtype=np.int8)
-    for piece in rendered.pieces:
-        char_segment[piece.start : piece.end] = piece.segment
-    for (start, end), segment in zip(plain["offset_mapping"], segments):
-        visible = [c for c in range(start, end) if not rendered.text[c].isspace()]
-        assert all(char_segment[c] == segment for c in visible), (rendered.text[start:end], segment)
+
+def check_labels(tokenizer, family, template, conv, rendered, row, offsets) -> None:
+    """Exact labels, decodes, end-of-turn markers, weights and images of one encoded row (images=1)."""
+    ids, segments = row.input_ids, row.segments
+    char_segment = char_segments(rendered)
+    for (start, end), segment in zip(offsets, segments):
+        assert segment == rule_segment(rendered.text, char_segment, start, end), (rendered.text[start:end], segment)
+        visible = {int(char_segment[c]) for c in range(start, end) if not rendered.text[c].isspace()}
+        assert visible <= {int(segment)}, (rendered.text[start:end], segment)
 
     # Whole-row decode is exact; segment runs decode to their pieces' text.
     decoded = tokenizer.decode(ids)
@@ -240,16 +296,20 @@ def check_weights(segments: np.ndarray) -> None:
         assert weights.sum() > 0
         if mode == "response":
             assert np.all(weights[~trained_by_response] == 0)
-        if mode == "l2t_no_template":
+        if mode == "l2t":
             template_tokens = np.isin(segments, [Segment.SYSTEM, Segment.ROLE, Segment.TASK_TEMPLATE])
             assert np.all(weights[template_tokens] == 0)
             assert np.all(weights[segments == Segment.INSTRUCTION] == np.float32(LAMBDA_I))
-        if mode == "l2t":
+        if mode == "l2t_no_system":
+            assert np.all(weights[np.isin(segments, [Segment.SYSTEM, Segment.ROLE])] == 0)
+            instruction = np.isin(segments, [Segment.INSTRUCTION, Segment.TASK_TEMPLATE])
+            assert np.all(weights[instruction] == np.float32(LAMBDA_I))
+        if mode == "l2t_full":
             instruction = np.isin(segments, [Segment.SYSTEM, Segment.ROLE, Segment.INSTRUCTION, Segment.TASK_TEMPLATE])
             assert np.all(weights[instruction] == np.float32(LAMBDA_I))
 
 
-@pytest.mark.parametrize("family", TOKENIZER_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @settings(max_examples=40, deadline=None)
 @given(
     conv=conversations(), template=st.sampled_from(TEMPLATES), block=st.integers(1, 5), max_length=st.integers(1, 120)

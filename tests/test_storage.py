@@ -39,3 +39,15 @@ def test_config_params_are_redacted(tmp_path):
     cfg = load_config(CONFIG_DIR / "quickstart.yaml", ["tracking.uri=http://bob:pw@127.0.0.1:5000"])
     params = storage.redact(cfg.flat())
     assert params["tracking.uri"] == "http://***@127.0.0.1:5000"
+
+
+def test_only_local_paths_and_s3_are_locations(tmp_path):
+    import pytest
+
+    assert storage.url_scheme("HTTP://x/y") == "http" and storage.url_scheme("/tmp/x") is None
+    storage.check_location("s3://bucket/x")
+    storage.check_location(str(tmp_path))
+    for uri in ("http://u:pw@host/x", "gs://bucket/x", "file:///tmp/x", "hdfs://nn/x"):
+        with pytest.raises(storage.StorageError, match="not supported") as error:
+            storage.filesystem(uri)
+        assert "pw" not in str(error.value)

@@ -13,12 +13,12 @@ def test_grid_is_the_product_of_lambdas_and_parameters(tmp_path):
         sweep={
             "lambda_instruction": [0, 1],
             "lambda_response": [1, 2],
-            "parameters": {"masking.mode": ["l2t", "l2t_no_template"]},
+            "parameters": {"masking.mode": ["l2t_full", "l2t"]},
         },
     )
     points = sweep_points(cfg)
     assert len(points) == 8
-    assert {"masking.lambda_instruction": 0, "masking.lambda_response": 2, "masking.mode": "l2t_no_template"} in points
+    assert {"masking.lambda_instruction": 0, "masking.lambda_response": 2, "masking.mode": "l2t"} in points
 
 
 def test_random_search_is_seeded(tmp_path):

@@ -116,3 +116,52 @@ def test_asha_stops_a_clearly_worse_trial(ray_cluster, mlflow_server, tmp_path):
     assert by_lr[1e-9]["status"] == "stopped_early"
     _, children = _children(mlflow_server, "sweep-asha")
     assert {c.data.tags["l2t.trial_status"] for c in children} == {"completed", "stopped_early"}
+
+
+def test_seeds_cross_every_point_and_compare_reports_paired_intervals(ray_cluster, mlflow_server, tmp_path):
+    """2 modes x 2 seeds: one child per point x seed with its seed and point tag; compare --baseline
+    writes a report with a Δ interval per arm, logged to the parent run."""
+    import mlflow
+
+    from orchestrator.compare import arms_table, compare
+    from orchestrator.sweep import run_sweep
+
+    cfg = _sweep_config(
+        tmp_path / "store",
+        mlflow_server,
+        "sweep-seeds",
+        parameters={"masking.mode": ["response", "l2t"]},
+        seeds=[0, 1],
+        max_concurrent_trials=2,
+    )
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 4})})
+    result = run_sweep(cfg)
+    assert len(result.trials) == 4 and all(t["status"] == "completed" for t in result.trials)
+    assert sorted((t["point"]["masking.mode"], t["point"]["train.seed"]) for t in result.trials) == [
+        ("l2t", 0), ("l2t", 1), ("response", 0), ("response", 1)
+    ]  # fmt: skip
+    _, children = _children(mlflow_server, "sweep-seeds")
+    assert len(children) == 4
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "0", "1", "1"]
+    assert len({c.data.tags["l2t.point"] for c in children}) == 2
+    # Seeds give the tiny preset its initial weights: the two seeds of one mode train different models.
+    by_mode = {}
+    for child in children:
+        by_mode.setdefault(child.data.params["masking.mode"], []).append(child.data.metrics["train/loss"])
+    assert all(len(set(losses)) == 2 for losses in by_mode.values())
+
+    comparison = compare(result.name, tmp_path / "compare", experiment="sweep-seeds", baseline="mode=response",
+                         replicates=200)  # fmt: skip
+    assert comparison.baseline is not None and comparison.baseline.name == "mode=response"
+    (l2t,) = [a for a in comparison.arms if a is not comparison.baseline]
+    assert l2t.seeds == [0, 1]
+    diff = l2t.versus_baseline["eval/accuracy"]
+    assert diff.seeds == 2 and diff.questions == 20 and diff.low <= diff.difference <= diff.high
+    assert arms_table(comparison) is not None
+    report = (tmp_path / "compare" / "report.md").read_text()
+    assert "mode=response" in report and "Δ" in report and "95%" in report
+    page = (tmp_path / "compare" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+    client = mlflow.tracking.MlflowClient()
+    logged = {a.path for a in client.list_artifacts(result.parent_run_id, "compare")}
+    assert {"compare/report.md", "compare/report.html"} <= logged

@@ -1,7 +1,9 @@
 """The training loop in a plain process: real DeepSpeed (ZeRO-2, gloo), no Ray."""
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +46,14 @@ def _batches(rows, micro_batch_size):
     return epoch_batches
 
 
+MASKING_KEYS = ("mode", "lambda_instruction", "lambda_response", "normalize", "weights", "schedule")
+
+
 def _loop_config(tiny_model_dir, settings):
-    """The experiment config of a plain-process run (one rank) from the test's settings."""
+    """The experiment config of a plain-process run (one rank unless `num_workers` says) from the test's settings."""
     from orchestrator.config import config_from_dict
 
-    masking = {k: settings.pop(k) for k in ("mode", "lambda_instruction", "lambda_response") if k in settings}
+    masking = {k: settings.pop(k) for k in MASKING_KEYS if k in settings}
     model = {k: settings.pop(k) for k in ("freeze", "dtype", "gradient_checkpointing") if k in settings}
     settings["max_steps"] = settings.pop("total_steps")
     raw = {
@@ -60,9 +65,8 @@ def _loop_config(tiny_model_dir, settings):
     return config_from_dict(raw)
 
 
-def _train(
-    tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, fail_at_step=None, fail_marker=None, **overrides
-):
+def _run_settings(tiny_model_dir, overrides):
+    """(config, DeepSpeed JSON, export_model, steps_per_epoch) of a test run: the defaults, then `overrides`."""
     settings = dict(
         total_steps=2,
         steps_per_epoch=100,
@@ -78,7 +82,13 @@ def _train(
     export_model = overrides.pop("export_model", True)
     settings.update(overrides)
     steps_per_epoch = settings.pop("steps_per_epoch")
-    cfg = _loop_config(tiny_model_dir, settings)
+    return _loop_config(tiny_model_dir, settings), deepspeed_config, export_model, steps_per_epoch
+
+
+def _train(
+    tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, fail_at_step=None, fail_marker=None, **overrides
+):
+    cfg, deepspeed_config, export_model, steps_per_epoch = _run_settings(tiny_model_dir, overrides)
     reports = [] if reports is None else reports
 
     def report(metrics, checkpoint_dir):
@@ -104,21 +114,162 @@ def _train(
     return reports
 
 
-def test_accumulation_split_gives_the_same_step(micro_rows, tiny_model_dir, tmp_path):
-    """16 rows per step as 1x16, 2x8 and 4x4: same loss and same gradient norm (DeepSpeed's scaling undone)."""
-    rows = micro_rows[:32]
-    runs = {
-        (micro, gas): _train(
-            tiny_model_dir, rows, tmp_path / f"{micro}x{gas}", micro_batch_size=micro, gradient_accumulation=gas
+# λ_I != λ_A and a per-segment weight, so that the three normalizations are three different objectives
+SPLIT_MASKING = dict(mode="l2t", lambda_instruction=0.5, lambda_response=2.0, weights={"system": 0.25})
+NORMALIZATIONS = ("tokens", "weight", "per_part")
+
+
+@pytest.fixture(scope="module")
+def split_runs(micro_rows, tiny_model_dir, tmp_path_factory):
+    """`run(normalize, micro, gas)`: the reports of 2 steps of 16 rows (micro x gas, one rank), computed once."""
+    done = {}
+
+    def run(normalize, micro, gas):
+        if (normalize, micro, gas) not in done:
+            out = tmp_path_factory.mktemp(f"{normalize}-{micro}x{gas}")
+            done[(normalize, micro, gas)] = _train(
+                tiny_model_dir,
+                micro_rows[:32],
+                out,
+                micro_batch_size=micro,
+                gradient_accumulation=gas,
+                normalize=normalize,
+                **SPLIT_MASKING,
+            )
+        return done[(normalize, micro, gas)]
+
+    return run
+
+
+def _assert_same_steps(got_reports, want_reports, key):
+    """Same loss, gradient norm, trained tokens and λ at every step."""
+    assert len(got_reports) == len(want_reports) == 2
+    for got, want in zip(got_reports, want_reports):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), key
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), key
+        assert got["trained_tokens"] == want["trained_tokens"], key
+        assert (got["lambda_instruction"], got["lambda_response"]) == (0.5, 2.0)
+
+
+def _assert_same_model(got_dir, want_dir, key):
+    from transformers import AutoModelForImageTextToText
+
+    got = AutoModelForImageTextToText.from_pretrained(got_dir / MODEL_SUBDIR).state_dict()
+    want = AutoModelForImageTextToText.from_pretrained(want_dir / MODEL_SUBDIR).state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=f"{key}: {name}")
+
+
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_accumulation_split_gives_the_same_step(split_runs, normalize):
+    """16 rows per step as 1x16, 2x8 (1 x 2, micro x2) and 4x4 (1 x 4): the same steps, DeepSpeed's scaling undone."""
+    reference = split_runs(normalize, 4, 4)
+    for micro, gas in ((16, 1), (8, 2)):
+        reports = split_runs(normalize, micro, gas)
+        _assert_same_steps([m for m, _ in reports], [m for m, _ in reference], (normalize, micro, gas))
+        _assert_same_model(reports[-1][1], reference[-1][1], (normalize, micro, gas))
+
+
+def test_the_normalizations_train_different_steps(split_runs):
+    """With λ_I != λ_A the three objectives differ (else the split tests above would prove less)."""
+    first = {n: split_runs(n, 4, 4)[0][0] for n in NORMALIZATIONS}
+    assert len({round(m["loss"], 4) for m in first.values()}) == 3
+    assert len({round(m["grad_norm"], 4) for m in first.values()}) == 3
+    # reported group losses are mean nll whatever the weights: the first step's are the same in all three
+    for m in first.values():
+        assert m["loss_response"] == pytest.approx(first["tokens"]["loss_response"], rel=1e-6)
+        assert m["loss_instruction"] == pytest.approx(first["tokens"]["loss_instruction"], rel=1e-6)
+
+
+def _data_parallel_rank(rank, world, port, jobs, out_dir):
+    """One data-parallel rank in its own process (spawned): the real run_training on this rank's rows, gloo."""
+    import torch.distributed as dist
+
+    from workloads.config import ExperimentConfig
+
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(env, WORLD_SIZE=str(world))
+    for name, cfg_dict, rows_by_rank, deepspeed_config in jobs:
+        cfg = ExperimentConfig.model_validate(cfg_dict)
+        reports = []
+
+        def report(metrics, checkpoint_dir, name=name, reports=reports):
+            if checkpoint_dir:
+                shutil.copytree(checkpoint_dir, Path(out_dir, name))
+            reports.append(metrics)
+
+        run_training(
+            cfg,
+            _batches(rows_by_rank[rank], cfg.train.micro_batch_size),
+            report,
+            rows=100 * cfg.train.global_batch,
+            deepspeed_config=deepspeed_config,
         )
-        for micro, gas in ((16, 1), (8, 2), (4, 4))
-    }
-    reference = runs[(16, 1)]
-    for key, reports in runs.items():
-        for (got, _), (want, _) in zip(reports, reference):
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), key
-            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3), key
-            assert got["trained_tokens"] == want["trained_tokens"]
+        if rank == 0:
+            Path(out_dir, f"{name}.json").write_text(json.dumps(reports))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_take_the_same_step(split_runs, micro_rows, tiny_model_dir, tmp_path):
+    """2 gloo processes x accumulation 2 x micro 4, each the real run_training on its rank's rows, take the
+    steps of 1 rank x accumulation 4 x micro 4, for every normalization (denominators all-reduced, the
+    DeepSpeed average over ranks undone)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = micro_rows[:32]
+    # each step's 16 rows: rank 0 the first 8, rank 1 the next 8, as two micro-batches of 4
+    rows_by_rank = [[r for step in (0, 16) for r in rows[step + 8 * rank : step + 8 * rank + 8]] for rank in (0, 1)]
+    jobs = []
+    for normalize in NORMALIZATIONS:
+        overrides = dict(micro_batch_size=4, gradient_accumulation=2, num_workers=2, normalize=normalize)
+        cfg, deepspeed_config, _, _ = _run_settings(tiny_model_dir, {**overrides, **SPLIT_MASKING})
+        jobs.append((normalize, cfg.model_dump(), rows_by_rank, deepspeed_config))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(
+        _data_parallel_rank, args=(2, port, jobs, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 600
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the data-parallel ranks did not finish in 600 s")
+    for normalize in NORMALIZATIONS:
+        reference = split_runs(normalize, 4, 4)
+        reports = json.loads((tmp_path / f"{normalize}.json").read_text())
+        _assert_same_steps(reports, [m for m, _ in reference], normalize)
+        assert reports[0]["trained_tokens_rank"] < reports[0]["trained_tokens"]  # each rank holds a share
+        _assert_same_model(tmp_path / normalize, reference[-1][1], normalize)
+
+
+def test_scheduled_lambdas_weight_each_step(micro_rows, tiny_model_dir, tmp_path):
+    """λ_I linear 1 -> 0 over 3 steps: each step reports its λ and, with per_part over l2t_full, its loss is
+    λ_I·loss_instruction + λ_A·loss_response with exactly those λ (0·mean_I at the last step)."""
+    schedule = {"lambda_instruction": {"kind": "linear", "end": 0.0}}
+    reports = _train(
+        tiny_model_dir,
+        micro_rows,
+        tmp_path,
+        total_steps=3,
+        micro_batch_size=4,
+        gradient_accumulation=2,
+        mode="l2t_full",
+        normalize="per_part",
+        lambda_instruction=1.0,
+        lambda_response=2.0,
+        schedule=schedule,
+        export_model=False,
+    )
+    metrics = [m for m, _ in reports]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [(m["lambda_instruction"], m["lambda_response"]) for m in metrics] == [(1.0, 2.0), (0.5, 2.0), (0.0, 2.0)]
+    for m in metrics:
+        want = m["lambda_instruction"] * m["loss_instruction"] + m["lambda_response"] * m["loss_response"]
+        assert m["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_training_learns_and_exports_a_loadable_model(micro_rows, tiny_model_dir, tmp_path):
@@ -139,6 +290,8 @@ def test_training_learns_and_exports_a_loadable_model(micro_rows, tiny_model_dir
         "lr",
         "tokens_per_s",
         "samples_per_s",
+        "lambda_instruction",
+        "lambda_response",
     } <= set(final_metrics)
     model = AutoModelForImageTextToText.from_pretrained(final_dir / MODEL_SUBDIR)
     tokenizer = AutoTokenizer.from_pretrained(final_dir / MODEL_SUBDIR)
@@ -184,11 +337,11 @@ def test_checkpoint_resume_replays_the_same_steps(micro_rows, tiny_model_dir, tm
 
 
 def test_lambda_instruction_zero_gives_exactly_the_response_only_update(micro_rows, tiny_model_dir, tmp_path):
-    """Real DeepSpeed: l2t with λ_I = 0 and response-only VIT take bit-identical steps."""
+    """Real DeepSpeed: l2t_full with λ_I = 0 and response-only VIT take bit-identical steps."""
     from transformers import AutoModelForImageTextToText
 
     settings = dict(total_steps=2, micro_batch_size=8, gradient_accumulation=2, lambda_response=1.0)
-    l2t = _train(tiny_model_dir, micro_rows, tmp_path / "l2t", mode="l2t", lambda_instruction=0.0, **settings)
+    l2t = _train(tiny_model_dir, micro_rows, tmp_path / "l2t", mode="l2t_full", lambda_instruction=0.0, **settings)
     vit = _train(tiny_model_dir, micro_rows, tmp_path / "vit", mode="response", **settings)
     for (a, _), (b, _) in zip(l2t, vit):
         assert (
@@ -203,7 +356,7 @@ def test_lambda_instruction_zero_gives_exactly_the_response_only_update(micro_ro
         assert torch.equal(one[name], two[name]), name
 
 
-@pytest.mark.parametrize("mode", ["response", "l2t_no_template", "l2t"])
+@pytest.mark.parametrize("mode", ["response", "l2t_full", "l2t_no_system", "l2t"])
 def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_model_dir, mode):
     from workloads.loss import count_trained_tokens, l2t_loss
     from workloads.model import load_model
@@ -225,114 +378,6 @@ def test_zero_weight_tokens_get_no_gradient_in_the_real_model(micro_rows, tiny_m
     assert untrained.any() and (~untrained).any()
     assert torch.all(grad[untrained] == 0)
     assert torch.all(grad[~untrained].abs().sum(-1) > 0)
-
-
-# ---------------------------------------------------------------- the data plan (workloads/batching.py, no Ray)
-
-
-def _plan(lengths, micro, gas, world, **kw):
-    from workloads.batching import BatchPlan
-
-    return BatchPlan(np.asarray(lengths), micro, gas, world, **kw)
-
-
-def test_plan_gives_every_layout_the_same_global_batches():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(20, 200, size=203)
-    layouts = [(16, 1, 1), (4, 4, 1), (4, 2, 2), (8, 1, 2), (2, 2, 4), (1, 4, 4)]
-    reference = _plan(lengths, *layouts[0], group_steps=3, seed=7)
-    assert reference.steps_per_epoch == 203 // 16
-    for epoch in (0, 1):
-        want = [set(step) for step in reference.steps(epoch)]
-        for micro, gas, world in layouts[1:]:
-            plan = _plan(lengths, micro, gas, world, group_steps=3, seed=7)
-            batches = plan.micro_batches(epoch)
-            assert [set(step.reshape(-1)) for step in batches] == want, (micro, gas, world)
-            owner = plan.rank_of_rows()
-            for rank in range(world):
-                order = plan.order(rank, epoch)
-                assert list(order) == list(batches[:, :, rank, :].reshape(-1))
-                assert np.all(owner[order] == rank)
-            assert np.sum(owner >= 0) == plan.steps_per_epoch * plan.global_batch
-    # Another epoch visits the same global batches in another order; another seed too.
-    assert [set(s) for s in reference.steps(0)] != [set(s) for s in reference.steps(1)]
-    assert sorted(map(sorted, reference.steps(0).tolist())) == sorted(map(sorted, reference.steps(1).tolist()))
-
-
-def test_length_grouping_cuts_padding_and_keeps_micro_batches_unequal():
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(20, 300, size=512)
-    plan = _plan(lengths, 4, 2, 2, group_steps=8)
-    assert plan.padding_share(grouped=True) < 0.5 * plan.padding_share(grouped=False)
-    trained = lengths[plan.micro_batches(0)].sum(axis=-1)  # [steps, accumulation, rank]
-    assert (trained.max(axis=(1, 2)) > trained.min(axis=(1, 2))).all()
-
-
-def test_ordered_micro_batches_follow_the_plan_whatever_the_arrival_order():
-    from workloads.batching import ordered_micro_batches
-
-    order = np.array([5, 1, 4, 0, 3, 2])
-    arrival = [
-        {
-            "row": np.array(chunk),
-            "input_ids": [np.array([r]) for r in chunk],
-            "segments": [np.array([r]) for r in chunk],
-            "pixel_values": [None] * len(chunk),
-        }
-        for chunk in ([0, 1], [2, 3, 4], [5])
-    ]
-    batches = list(ordered_micro_batches(iter(arrival), order, 2))
-    assert [[int(x[0]) for x in b["input_ids"]] for b in batches] == [[5, 1], [4, 0], [3, 2]]
-    with pytest.raises(RuntimeError, match="ended 6 planned rows early"):
-        list(ordered_micro_batches(iter(arrival[:2]), order, 2))
-
-
-def test_load_rows_reads_the_planned_rows_with_their_images(synthetic_data, tiny_model_dir, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from orchestrator.ingest import LoadRows, read_prepared_rows
-    from orchestrator.prepare import PreparedData
-
-    images = [json.loads(line)["image"] for line in Path(synthetic_data.train_file).read_text().splitlines()[:300]]
-    shards = tmp_path / "prepared" / "shards"
-    shards.mkdir(parents=True)
-    for part, (lo, hi) in enumerate([(0, 250), (250, 300)]):
-        table = pa.table(
-            {
-                "input_ids": [list(range(i % 9 + 1)) for i in range(lo, hi)],
-                "segments": [[3] * (i % 9 + 1) for i in range(lo, hi)],
-                "images": [[images[i]] for i in range(lo, hi)],
-                "length": [i % 9 + 1 for i in range(lo, hi)],
-            }
-        )
-        pq.write_table(table, shards / f"part-{part}.parquet", row_group_size=100)
-    rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
-    assert len(rows.lengths) == 300 and rows.lengths[7] == 8
-    assert [c["first_row"] for c in rows.chunks] == [0, 100, 200, 250]
-    owner = np.arange(300) % 3
-    load = LoadRows(tiny_model_dir, str(shards), str(synthetic_data.image_root), owner=owner, rank=1)
-    chunks = rows.chunks[1:3]
-    out = load({k: np.array([c[k] for c in chunks]) for k in chunks[0]})
-    assert out["row"] == [r for r in range(100, 250) if r % 3 == 1]
-    for row, ids, pixels in zip(out["row"], out["input_ids"], out["pixel_values"]):
-        assert list(ids) == list(range(row % 9 + 1)) and pixels.shape == (1, 3, 32, 32)
-
-
-def test_a_run_folder_is_resumed_only_by_the_same_unfinished_configuration(tmp_path, capsys):
-    from orchestrator.train import RUN_STATE_FILE, _claim_run_folder
-
-    run = tmp_path / "runs" / "r"
-    _claim_run_folder(str(run), "aaa", "r")
-    (run / "checkpoint_000001").mkdir()
-    _claim_run_folder(str(run), "aaa", "r")  # same configuration, unfinished: Ray Train resumes it
-    assert (run / "checkpoint_000001").exists() and "resuming" in capsys.readouterr().out
-    _claim_run_folder(str(run), "bbb", "r")  # another configuration: a fresh run
-    assert not (run / "checkpoint_000001").exists() and "replacing" in capsys.readouterr().out
-    (run / "checkpoint_000002").mkdir()
-    (run / RUN_STATE_FILE).write_text(json.dumps({"fingerprint": "bbb", "finished": True}))
-    _claim_run_folder(str(run), "bbb", "r")  # finished: a re-run trains again
-    assert not (run / "checkpoint_000002").exists()
 
 
 @pytest.fixture(scope="module")

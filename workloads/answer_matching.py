@@ -12,6 +12,13 @@ the way the reference tool computes it, quirks included:
   ``processDigitArticle``), which EvalAI and LLaVA's evaluators reuse.
 - POPE: the yes/no rule of the POPE ``evaluate.py`` script (also LLaVA's
   ``eval_pope.py``).
+- GQA: LLaVA's ``scripts/convert_gqa_for_eval.py`` (trailing periods stripped,
+  lower-cased) and the official GQA ``eval.py`` (exact string match).
+- Multiple choice: LLaVA's ``llava/eval/eval_science_qa.py`` letter parser.
+
+Each published number uses one of these rules, so the rule is a named choice:
+`ANSWER_RULES` for short answers (`score_short_answer`), `CHOICE_PARSERS` for
+multiple choice (`multiple_choice_accuracy`).
 
 Caption metrics (BLEU-4, CIDEr-D, CHAIR) are in caption_metrics.py. Where a
 reference script has a quirk that changes numbers, the code keeps it and a
@@ -258,6 +265,37 @@ def exact_match(prediction: str, reference: str) -> float:
     return 1.0 if normalize_vqa_answer(prediction) == normalize_vqa_answer(reference) else 0.0
 
 
+def gqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the prediction, as LLaVA's GQA conversion writes it, equals a reference answer, else 0.0.
+
+    ``convert_gqa_for_eval.py`` keeps ``text.rstrip('.').lower()`` of the (already stripped) model output
+    and GQA's ``eval.py`` compares it with the answer as it is: no article, number or punctuation
+    normalization, so "Yes." and "yes" match but "the table" and "table" do not."""
+    if len(answers) == 0:
+        raise ValueError("gqa_accuracy needs at least one reference answer")
+    pred = prediction.strip().rstrip(".").lower()
+    return 1.0 if any(pred == a for a in answers) else 0.0
+
+
+ANSWER_RULES = ("vqa", "gqa", "exact")
+"""Short-answer rules: `vqa` (`vqa_accuracy`: VQAv2's normalization and soft score), `gqa`
+(`gqa_accuracy`: LLaVA's GQA evaluation), `exact` (exact match against any reference after the VQA
+normalization, which drops articles and turns number words into digits)."""
+
+
+def score_short_answer(prediction: str, answers: Sequence[str], rule: str = "vqa") -> float:
+    """The score of a short answer under one of `ANSWER_RULES`."""
+    if rule == "vqa":
+        return vqa_accuracy(prediction, answers)
+    if rule == "gqa":
+        return gqa_accuracy(prediction, answers)
+    if rule == "exact":
+        if len(answers) == 0:
+            raise ValueError("exact match needs at least one reference answer")
+        return max(exact_match(prediction, a) for a in answers)
+    raise ValueError(f"answer rule must be one of {ANSWER_RULES}, got {rule!r}")
+
+
 # ---------------------------------------------------------------------------
 # Multiple choice
 # ---------------------------------------------------------------------------
@@ -310,13 +348,44 @@ def parse_multiple_choice(prediction: str, choices: Sequence[str]) -> int | None
     return found[0] if len(found) == 1 else None
 
 
-def multiple_choice_accuracy(prediction: str, choices: Sequence[str], answer: str) -> float:
+CHOICE_PARSERS = ("llava", "lenient")
+"""Multiple-choice parsers: `llava` (`parse_choice_llava`, LLaVA's ScienceQA rule), `lenient`
+(`parse_multiple_choice`, which also reads "(B)", "B." and the option text)."""
+
+_LLAVA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")  # sic: "." is any character, as in LLaVA
+
+
+def parse_choice_llava(prediction: str, n_choices: int) -> int | None:
+    """Index of the option a prediction picks under LLaVA's ``eval_science_qa.py`` rule, or None ("FAILED").
+
+    The prediction must be exactly a letter ("B"), start with a letter, a period and a space ("B. blue"),
+    or contain "The answer is B" once with one more character after the letter; so "B.", "(B)", "b" and
+    "blue" fail. Letters are A-E as in the script (``--options``), or as many as there are options beyond
+    five; a letter past the last option fails too.
+    """
+    letters = _LETTERS[: max(5, n_choices)]
+    if prediction in letters:
+        letter = prediction
+    elif len(prediction) >= 3 and prediction[0] in letters and prediction[1:3] == ". ":
+        letter = prediction[0]
+    else:
+        found = _LLAVA_ANSWER_IS.findall(prediction)
+        letter = found[0] if len(found) == 1 else None
+    if letter is None or letter not in letters[:n_choices]:
+        return None
+    return letters.index(letter)
+
+
+def multiple_choice_accuracy(prediction: str, choices: Sequence[str], answer: str, parser: str = "lenient") -> float:
     """1.0 when the prediction picks the correct option, else 0.0.
 
     ``answer`` is either the correct option's text (exactly one of ``choices``)
-    or its letter ("B", "(B)"). The prediction is parsed with
-    :func:`parse_multiple_choice`; an unparseable prediction scores 0.0.
+    or its letter ("B", "(B)"). The prediction is parsed with ``parser``, one of
+    `CHOICE_PARSERS` (:func:`parse_multiple_choice` for ``lenient``,
+    :func:`parse_choice_llava` for ``llava``); an unparseable prediction scores 0.0.
     """
+    if parser not in CHOICE_PARSERS:
+        raise ValueError(f"choice parser must be one of {CHOICE_PARSERS}, got {parser!r}")
     if answer in choices:
         target = list(choices).index(answer)
     else:
@@ -328,7 +397,11 @@ def multiple_choice_accuracy(prediction: str, choices: Sequence[str], answer: st
             if norm_answer not in norm:
                 raise ValueError(f"answer {answer!r} is neither an option nor an option letter")
             target = norm.index(norm_answer)
-    return 1.0 if parse_multiple_choice(prediction, choices) == target else 0.0
+    if parser == "llava":
+        picked = parse_choice_llava(prediction, len(choices))
+    else:
+        picked = parse_multiple_choice(prediction, choices)
+    return 1.0 if picked == target else 0.0
 
 
 # ---------------------------------------------------------------------------

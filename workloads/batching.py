@@ -13,6 +13,7 @@ rows it receives with `ordered_micro_batches`.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -97,18 +98,103 @@ class BatchPlan:
         return cls(**config)
 
 
-def ordered_micro_batches(batches: Iterable[dict], order: np.ndarray, micro_batch_size: int) -> Iterator[dict]:
-    """Rows arrive in any order, each with its `row` number; yield micro-batches of them in `order`."""
+ROW_KEYS = ("input_ids", "segments", "pixel_values")
+"""What a micro-batch holds per row (lists, in plan order)."""
+BAD_ROWS_GRACE = 200
+"""Rows seen before the bad share is judged on the rows seen alone (the first bad row is no 100% share)."""
+
+
+class TooManyBadRows(RuntimeError):
+    """More rows than `data.max_bad_fraction` of those seen could not be loaded."""
+
+
+class _BadRows:
+    """Rows dropped from micro-batches: counted, named in the log, and judged against `max_bad_fraction`.
+
+    The share is judged over the rows seen, floored at `BAD_ROWS_GRACE` rows (or all the planned rows when
+    fewer), so that one bad row early in an epoch does not read as a 100% share.
+    """
+
+    def __init__(self, planned: int, max_bad_fraction: float, log):
+        self.planned, self.max_bad_fraction, self.log = planned, max_bad_fraction, log
+        self.seen = self.bad = 0
+        self.names: deque[str] = deque(maxlen=3)  # the last few, for the error
+
+    def count(self, rows: list[dict]) -> list[dict]:
+        """The rows that can be trained on; the others are logged and counted."""
+        self.seen += len(rows)
+        bad = [row for row in rows if row["problem"]]
+        for row in bad:
+            self.bad += 1
+            self.names.append(row["problem"])
+            self.log(f"[ingest] skipped row {row['row']} ({self.bad} so far): {row['problem']}")
+        allowed = self.max_bad_fraction * max(self.seen, min(self.planned, BAD_ROWS_GRACE))
+        if self.bad > allowed:
+            raise TooManyBadRows(
+                f"{self.bad} of {self.seen} rows seen could not be loaded, above data.max_bad_fraction="
+                f"{self.max_bad_fraction:.1%}; the last: {'; '.join(self.names)}"
+            )
+        return [row for row in rows if not row["problem"]]
+
+
+def _placeholder(row: dict) -> dict:
+    """A row that trains nothing and needs no image: two of a bad row's text tokens, marked IMAGE (weight 0
+    in every masking mode, attended to, so no fully masked row), for a micro-batch whose rows all failed."""
+    from workloads.segment_codes import Segment
+
+    ids, segments = np.asarray(row["input_ids"]), np.asarray(row["segments"])
+    text = ids[segments != int(Segment.IMAGE)][:2] if len(ids) == len(segments) else ids[:0]
+    text = np.concatenate([text, np.zeros(2 - len(text), dtype=ids.dtype)]) if len(text) < 2 else text
+    return {
+        "input_ids": text.astype(np.int32),
+        "segments": np.full(2, int(Segment.IMAGE), dtype=np.int8),
+        "pixel_values": np.zeros((0,), np.float32),
+    }
+
+
+def _default_log(message: str) -> None:
+    print(message, flush=True)
+
+
+def ordered_micro_batches(
+    batches: Iterable[dict],
+    order: np.ndarray,
+    micro_batch_size: int,
+    *,
+    max_bad_fraction: float | None = None,
+    log=_default_log,
+) -> Iterator[dict]:
+    """Rows arrive in any order, each with its `row` number; yield micro-batches of them in `order`.
+
+    A row that arrives with a `problem` (its images could not be loaded, `orchestrator.ingest.LoadRows`)
+    is dropped from its micro-batch, logged with its row and image, and counted: every micro-batch carries
+    `skipped_rows`, the rows dropped from it (0 mostly). A micro-batch whose rows all failed still comes, as
+    one placeholder row that trains no token (`_placeholder`), so every rank takes the same steps; the
+    step's loss divides by its trained tokens, so a dropped row is just fewer tokens. `TooManyBadRows`
+    past `max_bad_fraction` (default: `data.max_bad_fraction`'s default) of the rows seen.
+    """
+    if max_bad_fraction is None:
+        from workloads.config import DataConfig
+
+        max_bad_fraction = DataConfig.model_fields["max_bad_fraction"].default
+    bad_rows = _BadRows(len(order), max_bad_fraction, log)
     pending: dict[int, dict] = {}
     position = 0
     for batch in batches:
+        problems = batch.get("problem")
         for i, row in enumerate(batch["row"]):
-            pending[int(row)] = {k: batch[k][i] for k in ("input_ids", "segments", "pixel_values")}
+            entry = {k: batch[k][i] for k in ROW_KEYS}
+            entry["row"], entry["problem"] = int(row), str(problems[i]) if problems is not None else ""
+            pending[int(row)] = entry
         while position + micro_batch_size <= len(order) and all(
             int(r) in pending for r in order[position : position + micro_batch_size]
         ):
             chosen = [pending.pop(int(r)) for r in order[position : position + micro_batch_size]]
-            yield {k: [row[k] for row in chosen] for k in chosen[0]}
+            good = bad_rows.count(chosen)
+            skipped = len(chosen) - len(good)
+            micro_batch: dict[str, Any] = {k: [row[k] for row in good or [_placeholder(chosen[0])]] for k in ROW_KEYS}
+            micro_batch["skipped_rows"] = skipped
+            yield micro_batch
             position += micro_batch_size
     if position < len(order):
         raise RuntimeError(f"this rank's data ended {len(order) - position} planned rows early")

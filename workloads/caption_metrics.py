@@ -1,15 +1,20 @@
-"""Caption metrics: caption tokenization, BLEU-4, CIDEr-D and CHAIR-style hallucination rates.
+"""Caption metrics: BLEU-4, CIDEr-D on COCO's tokenization, and CHAIR-style hallucination rates.
 
 Why these exact definitions: published captioning numbers come from the COCO
 caption evaluation code, and small differences in it move scores by whole
 points, so each metric here is computed the way the reference tool computes
 it, quirks included:
 
-- BLEU and CIDEr-D: pycocoevalcap (the COCO caption evaluation code:
-  ``bleu_scorer.py`` with the "closest" reference length, ``cider_scorer.py``),
-  on text tokenized roughly as its PTBTokenizer does.
-- CHAIR: the instance / sentence hallucination rates of Rohrbach et al. 2018,
-  over a caller-given object vocabulary instead of the COCO synonym list.
+- Tokenization: pycocoevalcap's PTBTokenizer (Stanford PTBTokenizer,
+  lower-cased, then its punctuation list removed), reproduced in pure Python
+  by ptb_tokenizer.py. References and candidates are tokenized as two batches,
+  in corpus order, as ``COCOEvalCap.evaluate`` does.
+- BLEU and CIDEr-D: pycocoevalcap (``bleu_scorer.py`` with the "closest"
+  reference length, ``cider_scorer.py``) on those tokens; both equal
+  pycocoevalcap's scores to 1e-4 on the corpora recorded in tests/test_ptb_tokenizer.py.
+- CHAIR: `hallucination_rate` gives the instance / sentence rates of Rohrbach
+  et al. 2018 over a caller-given object vocabulary (the synthetic world's);
+  the published COCO CHAIR, with its synonym list and rules, is chair.py.
 
 Short-answer metrics (VQA, multiple choice, POPE) are in answer_matching.py.
 Where a reference script has a quirk that changes numbers, the code keeps it
@@ -23,29 +28,30 @@ import re
 from collections import Counter
 from collections.abc import Collection, Sequence
 
-# ---------------------------------------------------------------------------
-# Caption tokenization (approximates pycocoevalcap's PTBTokenizer)
-# ---------------------------------------------------------------------------
+from workloads.ptb_tokenizer import caption_words
 
-_CLITIC_NT = re.compile(r"(\w)n't\b")
-_CLITIC = re.compile(r"(\w)'(s|re|ve|ll|d|m)\b")
-_CAPTION_TOKEN = re.compile(r"n't\b|'[a-z]+|\d+(?:[.,]\d+)+|[a-z0-9]+(?:-[a-z0-9]+)*|\S")
-# PTBTokenizer output tokens that pycocoevalcap drops; PTB turns quotes and
-# brackets into ``, '', -LRB- ... which are in its list too.
-_DROPPED = frozenset({"'", "`", '"', "(", ")", "[", "]", "{", "}", ".", "?", "!", ",", ":", "-", ";"})
+# ---------------------------------------------------------------------------
+# Caption tokenization (pycocoevalcap's PTBTokenizer, see ptb_tokenizer.py)
+# ---------------------------------------------------------------------------
 
 
 def tokenize_caption(text: str) -> list[str]:
-    """Tokenize a caption roughly as pycocoevalcap's PTBTokenizer does.
+    """The words BLEU and CIDEr count for one caption: pycocoevalcap's PTBTokenizer output without its
+    punctuation list (``"A dog's (red) ball."`` -> ``a dog 's -lrb- red -rrb- ball``); see ptb_tokenizer.py."""
+    return caption_words([text])[0]
 
-    Lowercase; split off clitics as the Penn Treebank does ("dog's" -> "dog 's",
-    "don't" -> "do n't"); keep numbers ("1,000", "3.5") and hyphenated words
-    whole; drop the punctuation tokens pycocoevalcap removes (. , ? ! : ; - and
-    quotes, brackets). Other symbols ("&", "%") stay as tokens, as in PTB.
-    """
-    text = _CLITIC_NT.sub(r"\1 n't", text.lower())
-    text = _CLITIC.sub(r"\1 '\2", text)
-    return [t for t in _CAPTION_TOKEN.findall(text) if t not in _DROPPED]
+
+def _tokenized(
+    candidates: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[list[list[str]], list[list[list[str]]]]:
+    """Candidate and reference words, each side tokenized as one batch in corpus order (as pycocoevalcap)."""
+    cand_words = caption_words(list(candidates))
+    flat = caption_words([r for refs in references for r in refs])
+    ref_words, start = [], 0
+    for refs in references:
+        ref_words.append(flat[start : start + len(refs)])
+        start += len(refs)
+    return cand_words, ref_words
 
 
 def _ngram_counts(words: Sequence[str], n: int) -> Counter:
@@ -90,13 +96,11 @@ def bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: 
     correct = [0] * max_n
     guess = [0] * max_n
     testlen_total = reflen_total = 0
-    for cand, refs in zip(candidates, references):
-        words = tokenize_caption(cand)
+    for words, refs in zip(*_tokenized(candidates, references)):
         counts = _ngram_counts(words, max_n)
         maxcounts: dict[tuple, int] = {}
         reflens = []
-        for ref in refs:
-            ref_words = tokenize_caption(ref)
+        for ref_words in refs:
             reflens.append(len(ref_words))
             for ngram, c in _ngram_counts(ref_words, max_n).items():
                 maxcounts[ngram] = max(maxcounts.get(ngram, 0), c)
@@ -151,8 +155,9 @@ def cider_d_scores(
     equals the word-length difference except against an empty caption.
     """
     _check_corpus(candidates, references)
-    cand_counts = [_ngram_counts(tokenize_caption(c), n) for c in candidates]
-    ref_counts = [[_ngram_counts(tokenize_caption(r), n) for r in refs] for refs in references]
+    cand_words, ref_words = _tokenized(candidates, references)
+    cand_counts = [_ngram_counts(words, n) for words in cand_words]
+    ref_counts = [[_ngram_counts(words, n) for words in refs] for refs in ref_words]
 
     doc_freq: Counter = Counter()
     for refs in ref_counts:

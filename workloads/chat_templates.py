@@ -16,13 +16,20 @@ Templates
 
 - ``llama3``: LLaVA-Llama-3 headers, ``<|eot_id|>`` closing each message.
 - ``qwen2``: ChatML with Qwen2's default system prompt.
-- ``phi``: TinyLLaVA's phi template: like vicuna_v1 without BOS, with its own
-  system prompt; EOS closes each response.
+- ``phi``: TinyLLaVA's phi template (``conv_phi_v0``): like vicuna_v1 without BOS (same
+  system prompt); EOS closes each response.
 - ``plain``: LLaVA connector pre-training: BOS, then per round the user
   turn's image placeholders only (its words are dropped, as LLaVA does),
   the response and ``"\\n"``.
 - ``tokenizer``: the tokenizer's own jinja ``chat_template``. See
   `render_with_tokenizer_template` for how spans are recovered.
+
+Image placement (`place_images`): ``front`` moves a user turn's ``<image>``
+placeholders to its start, as LLaVA's ``preprocess_multimodal`` does before
+training; ``as_written`` keeps them where the data puts them; ``auto`` (the
+default) is ``front`` for the LLaVA-family templates (vicuna_v1, phi, plain).
+`render_prompt_spans` renders the generation prompt (user turn, then the
+assistant prefix) that evaluation answers, with the same placement.
 
 BOS/EOS strings come from the tokenizer when one is given (vicuna_v1, phi,
 plain), else the literals ``<s>`` / ``</s>``. ``llama3`` and ``qwen2`` use their
@@ -44,23 +51,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 
-from workloads.conversations import IMAGE_PLACEHOLDER, USER, Conversation, ConversationError
+from workloads.conversations import IMAGE_PLACEHOLDER, USER, Conversation, ConversationError, Turn
 from workloads.segment_codes import Segment
 from workloads.task_templates import normalize_sentence, sentence_spans, split_sentences
 
 TEMPLATES = ("vicuna_v1", "llama3", "qwen2", "phi", "plain", "tokenizer")
+IMAGE_PLACEMENTS = ("auto", "front", "as_written")  # as config.IMAGE_PLACEMENTS
+LLAVA_FAMILY_TEMPLATES = frozenset({"vicuna_v1", "phi", "plain"})  # image_placement "auto" -> "front"
+_FRONT = IMAGE_PLACEHOLDER + "\n"
 
+# LLaVA-1.5's `conv_vicuna_v1` (train `--version v1`, eval `--conv-mode vicuna_v1`); not the older
+# `conv_llava_v1`, whose "curious human ... the human's questions" llava-1.5 checkpoints never saw.
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-PHI_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+PHI_SYSTEM = VICUNA_SYSTEM  # TinyLLaVA's conv_phi_v0 / PhiTemplate: the same sentence
 LLAMA3_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content "
     "that the user provides, and assist the user with a variety of tasks using natural language."
@@ -93,7 +102,10 @@ class Rendered:
 
 @dataclass(frozen=True)
 class RenderContext:
-    """Everything `render_spans` needs besides the conversation, resolved once per batch."""
+    """Everything `render_spans` needs besides the conversation, resolved once per batch.
+
+    `image_placement` holds the resolved placement (`front` or `as_written`); ``auto`` given
+    here is resolved against `template` (see `resolve_image_placement`)."""
 
     template: str
     tokenizer: object = None
@@ -102,6 +114,10 @@ class RenderContext:
     system_prompt: str | None = None
     bos: str = "<s>"
     eos: str = "</s>"
+    image_placement: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_placement", resolve_image_placement(self.template, self.image_placement))
 
     @classmethod
     def create(
@@ -111,12 +127,49 @@ class RenderContext:
         task_templates: Collection[str] = (),
         image_token: str = IMAGE_PLACEHOLDER,
         system_prompt: str | None = None,
+        image_placement: str = "auto",
     ) -> RenderContext:
         if template not in TEMPLATES:
             raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
         bos = getattr(tokenizer, "bos_token", None) or "<s>"
         eos = getattr(tokenizer, "eos_token", None) or "</s>"
-        return cls(template, tokenizer, task_template_set(task_templates), image_token, system_prompt, bos, eos)
+        task_set = task_template_set(task_templates)
+        return cls(template, tokenizer, task_set, image_token, system_prompt, bos, eos, image_placement)
+
+
+def resolve_image_placement(template: str, placement: str) -> str:
+    """`front` or `as_written`: ``auto`` is `front` for the LLaVA-family templates, else `as_written`."""
+    if placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"unknown image placement {placement!r}; expected one of {IMAGE_PLACEMENTS}")
+    if placement == "auto":
+        return "front" if template in LLAVA_FAMILY_TEMPLATES else "as_written"
+    return placement
+
+
+def place_images(text: str, placement: str) -> str:
+    """A user turn's text with its image placeholders placed as `placement` (resolved) says.
+
+    ``front`` is LLaVA's `preprocess_multimodal`: a turn that holds ``<image>``
+    becomes ``("<image>\\n" + text.replace("<image>", "").strip()).strip()``.
+    LLaVA keeps one placeholder; here a turn with k placeholders gets
+    ``"<image>\\n" * k`` in front, so multi-image rows keep their image count
+    (for k = 1 this is exactly LLaVA's text). ``as_written`` returns `text` as is.
+    """
+    if placement != "front" or IMAGE_PLACEHOLDER not in text:
+        return text
+    rest = text[len(_FRONT) :]
+    if text.startswith(_FRONT) and rest[:1].strip() and rest[-1:].strip() and IMAGE_PLACEHOLDER not in rest:
+        return text  # the common case, "<image>\n" and stripped words: already in place
+    return (_FRONT * text.count(IMAGE_PLACEHOLDER) + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+
+
+def _placed(conv: Conversation, placement: str) -> Conversation:
+    """`conv` with `place_images` applied to its turns (the same object when nothing moves)."""
+    if placement != "front":
+        return conv
+    if all(IMAGE_PLACEHOLDER not in t.text or place_images(t.text, placement) is t.text for t in conv.turns):
+        return conv
+    return replace(conv, turns=tuple(Turn(t.role, place_images(t.text, placement)) for t in conv.turns))
 
 
 def render(
@@ -127,10 +180,21 @@ def render(
     task_templates: Collection[str] = (),
     image_token: str = IMAGE_PLACEHOLDER,
     system_prompt: str | None = None,
+    image_placement: str = "auto",
+    generation: bool = False,
 ) -> Rendered:
-    """Render `conv` with `template`; raises ConversationError if the template cannot place it."""
-    context = RenderContext.create(template, tokenizer, task_templates, image_token, system_prompt)
-    text, starts, segments = render_spans(conv, context)
+    """Render `conv` with `template` (with `generation`, its generation prompt: `render_prompt_spans`);
+    raises ConversationError if the template cannot place it."""
+    context = RenderContext.create(template, tokenizer, task_templates, image_token, system_prompt, image_placement)
+    return _rendered(*(render_prompt_spans if generation else render_spans)(conv, context))
+
+
+def render_prompt(conv: Conversation, template: str, **options) -> Rendered:
+    """The generation prompt of `conv` with its pieces (`render_prompt_spans`); options as for `render`."""
+    return render(conv, template, generation=True, **options)
+
+
+def _rendered(text: str, starts: list[int], segments: list[int]) -> Rendered:
     # The fast form may hold empty parts and same-segment neighbours; the pieces shown merge them.
     pieces: list[Piece] = []
     for start, end, segment in zip(starts, starts[1:] + [len(text)], segments):
@@ -150,6 +214,31 @@ def render_spans(conv: Conversation, context: RenderContext) -> tuple[str, list[
     neighbour's segment: fine for the segment lookup, which takes the last
     part starting at or before a character.
     """
+    return _render(_placed(conv, context.image_placement), context, generation=False)
+
+
+def render_prompt_spans(conv: Conversation, context: RenderContext) -> tuple[str, list[int], list[int]]:
+    """The generation prompt, in the fast form of `render_spans`: `conv`'s turns up to its last
+    user turn (any assistant turn after it is dropped: the prompt never depends on an answer),
+    then the template's assistant prefix, which is ROLE (plain has none).
+
+    It is what LLaVA's ``conv.get_prompt()`` gives with an empty assistant message:
+    vicuna_v1 and phi end in ``" ASSISTANT:"`` (no trailing space), qwen2 in
+    ``"<|im_start|>assistant\\n"``, llama3 in the assistant header and ``"\\n\\n"``;
+    plain is BOS and the image placeholders; `tokenizer` is the jinja template
+    with ``add_generation_prompt=True``. The text is a prefix of `render_spans`'s
+    text for the answered conversation, up to and including the assistant marker
+    (vicuna_v1/phi: up to the space after ``"ASSISTANT:"``).
+    """
+    last_user = max((i for i, t in enumerate(conv.turns) if t.role == USER), default=-1)
+    if last_user < 0:
+        raise ConversationError("empty_conversation", f"row {conv.id!r}: no user turn to answer")
+    if last_user + 1 < len(conv.turns):
+        conv = replace(conv, turns=conv.turns[: last_user + 1])
+    return _render(_placed(conv, context.image_placement), context, generation=True)
+
+
+def _render(conv: Conversation, context: RenderContext, generation: bool) -> tuple[str, list[int], list[int]]:
     template = context.template
     system = conv.system if conv.system is not None else context.system_prompt
     parts: list[tuple[str, int]] = []
@@ -168,11 +257,13 @@ def render_spans(conv: Conversation, context: RenderContext) -> tuple[str, list[
                 add((" ASSISTANT: ", _ROLE))
                 add((turn.text, _RESPONSE))
                 add(end_of_turn)
+        if generation:
+            add((" ASSISTANT:", _ROLE))
     elif template == "qwen2":
         system = QWEN2_SYSTEM if system is None else system
         if system:
             add(("<|im_start|>system\n" + system + "<|im_end|>\n", _SYSTEM))
-        for turn in conv.turns:
+        for turn in conv.turns:  # a user turn ends with the assistant header: the generation prompt
             if turn.role == USER:
                 add(("<|im_start|>user\n", _ROLE))
                 _add_user_text(parts, turn.text, context)
@@ -186,7 +277,7 @@ def render_spans(conv: Conversation, context: RenderContext) -> tuple[str, list[
         add(("<|begin_of_text|>", _SYSTEM))
         if system:
             add(("<|start_header_id|>system<|end_header_id|>\n\n" + system + "<|eot_id|>", _SYSTEM))
-        for turn in conv.turns:
+        for turn in conv.turns:  # as in qwen2, a user turn ends with the assistant header
             if turn.role == USER:
                 add(("<|start_header_id|>user<|end_header_id|>\n\n", _ROLE))
                 _add_user_text(parts, turn.text, context)
@@ -204,7 +295,7 @@ def render_spans(conv: Conversation, context: RenderContext) -> tuple[str, list[
                 add((turn.text, _RESPONSE))
                 add(("\n", _END))
     elif template == "tokenizer":
-        return render_with_tokenizer_template(conv, context, system)
+        return render_with_tokenizer_template(conv, context, system, generation=generation)
     else:
         raise ValueError(f"unknown chat template {template!r}; expected one of {TEMPLATES}")
     return _join(parts)
@@ -297,9 +388,13 @@ _skeleton_cache: dict[tuple, list[str]] = {}
 
 
 def render_with_tokenizer_template(
-    conv: Conversation, context: RenderContext, system: str | None
+    conv: Conversation, context: RenderContext, system: str | None, *, generation: bool = False
 ) -> tuple[str, list[int], list[int]]:
     """Render with `tokenizer.chat_template` and recover the pieces.
+
+    `conv` is taken as given (image placement is `render_spans`'s job). With
+    `generation`, the template is rendered with ``add_generation_prompt=True``
+    and the assistant prefix it appends after the last (user) turn is ROLE.
 
     The template is rendered once per conversation shape (roles, system or
     not) with unique sentinel strings as message contents; the text between
@@ -322,10 +417,10 @@ def render_with_tokenizer_template(
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": t.role, "content": t.text.replace(IMAGE_PLACEHOLDER, image_token)} for t in conv.turns]
     try:
-        real = tokenizer.apply_chat_template(messages, tokenize=False)
+        real = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
     except Exception as error:  # jinja templates raise arbitrary errors for shapes they refuse
         raise ConversationError("template_error", f"row {conv.id!r}: chat template failed: {error}") from error
-    gaps = _skeleton(tokenizer, tuple(m["role"] for m in messages))
+    gaps = _skeleton(tokenizer, tuple(m["role"] for m in messages), generation)
     for strip in (False, True):
         contents = [m["content"].strip() if strip else m["content"] for m in messages]
         if _interleave(gaps, contents) == real:
@@ -356,14 +451,16 @@ def render_with_tokenizer_template(
     return text, starts, segments
 
 
-def _skeleton(tokenizer, roles: tuple[str, ...]) -> list[str]:
+def _skeleton(tokenizer, roles: tuple[str, ...], generation: bool = False) -> list[str]:
     """The template's text around the message contents, for this sequence of roles."""
-    key = (id(tokenizer), tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, roles)
+    key = (id(tokenizer), tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, roles, generation)
     gaps = _skeleton_cache.get(key)
     if gaps is None:
         sentinels = [_SENTINEL.format(i) for i in range(len(roles))]
         rendered = tokenizer.apply_chat_template(
-            [{"role": r, "content": s} for r, s in zip(roles, sentinels)], tokenize=False
+            [{"role": r, "content": s} for r, s in zip(roles, sentinels)],
+            tokenize=False,
+            add_generation_prompt=generation,
         )
         gaps = []
         position = 0

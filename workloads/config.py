@@ -20,10 +20,10 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workloads.chat_templates import TEMPLATES
-from workloads.segment_codes import MASKING_MODES
+from workloads.masking_config import MaskingConfig
 
 TINY_LANGUAGE_MODELS = ("llama", "qwen2")
 """Language-model families of the tiny preset."""
@@ -33,10 +33,19 @@ FREEZE_POLICIES = ("connector_only", "vision_tower", "none")
 """Which parts of the model stay frozen."""
 
 ChatTemplate = Literal[TEMPLATES]
-MaskingMode = Literal[MASKING_MODES]
 TinyLanguageModel = Literal[TINY_LANGUAGE_MODELS]
 TokenizerFamily = Literal[TOKENIZER_FAMILIES]
 FreezePolicy = Literal[FREEZE_POLICIES]
+IMAGE_PLACEMENTS = ("auto", "front", "as_written")
+"""Where the image placeholder goes in a user turn (see `DataConfig.image_placement`)."""
+IMAGE_CHECKS = ("decode", "header", "off")
+"""How far validation checks each image (see `DataConfig.check_images`)."""
+LOSS_KERNELS = ("chunked", "full", "liger")
+"""How per-token losses are computed from the LM's hidden states (see `TrainConfig.loss_kernel`)."""
+DUPLICATE_ID_POLICIES = ("keep", "warn", "quarantine")
+"""What preparation does with rows that share an id (see `DataConfig.duplicate_ids`)."""
+SYNTHETIC_WORLDS = ("shapes", "scenes")
+"""The synthetic data sets (see `SyntheticConfig.world`)."""
 
 
 class _Strict(BaseModel):
@@ -46,6 +55,11 @@ class _Strict(BaseModel):
 class SyntheticConfig(_Strict):
     """Generate the project's synthetic visual instruction set instead of reading files."""
 
+    world: Literal[SYNTHETIC_WORLDS] = "shapes"
+    """`shapes`: one to a few shapes, one-round questions with one- or two-token answers (the fast tests' world);
+    `scenes`: multi-object scenes with questions about attributes, counts and relations in a long tail of
+    wordings, LLaVA-665K's mix of short and long (description, reasoning, conversation) answers, and balanced
+    yes/no questions (workloads/synthetic_scenes.py gives the figures it targets)."""
     train_rows: int = Field(2000, ge=1)
     """Training conversations to generate."""
     eval_rows: int = Field(200, ge=0)
@@ -53,11 +67,33 @@ class SyntheticConfig(_Strict):
     seed: int = 0
     """Seed: the same seed gives the same records and images."""
     max_objects: int = Field(1, ge=1, le=6)
-    """Most shapes per scene."""
+    """Most shapes per scene (`scenes`: at least 2, and 4 when unset; from 5 on, a 3x3 layout)."""
     image_size: int = Field(32, ge=16)
-    """Image side in pixels."""
+    """Image side in pixels (the tiny model's `model.tiny.image_size` should match)."""
     kinds: list[str] | None = None
-    """Conversation kinds to generate (caption, color, shape, count, exists, multi_turn); all when unset."""
+    """Conversation kinds to generate, all when unset: `shapes` caption, color, shape, count, exists, multi_turn;
+    `scenes` vqa, exists, region, caption, detail, reasoning, conversation."""
+    mix: dict[str, float] | None = None
+    """`scenes` only: relative weight per kind (unset: LLaVA-665K's rows per source in thousands, vqa 250,
+    exists 60, region 134, caption 22, detail 23, reasoning 77, conversation 58); kinds left out get 0."""
+    long_answer_share: float | None = Field(None, ge=0.0, le=1.0)
+    """`scenes` only: share of rows with long free-form answers (detail, reasoning, conversation); rescales the
+    mix on both sides (unset: as the mix has it, 158/624 = 0.25 for the default)."""
+
+    @model_validator(mode="after")
+    def _world_settings(self) -> "SyntheticConfig":
+        if self.world == "shapes":
+            if self.mix is not None or self.long_answer_share is not None:
+                raise ValueError("mix and long_answer_share are settings of world: scenes")
+            return self
+        from workloads.synthetic_scenes import DEFAULT_MAX_OBJECTS, resolve_mix
+
+        if "max_objects" not in self.model_fields_set:
+            self.max_objects = DEFAULT_MAX_OBJECTS
+        if self.max_objects < 2:
+            raise ValueError(f"world: scenes needs max_objects >= 2 (relations), got {self.max_objects}")
+        resolve_mix(self.mix, self.long_answer_share, self.kinds)  # ValueError: unknown kinds, nothing to draw
+        return self
 
 
 class DataConfig(_Strict):
@@ -77,12 +113,31 @@ class DataConfig(_Strict):
     """Chat template used to render conversations."""
     system_prompt: str | None = None
     """Override the template's default system prompt."""
+    image_placement: Literal[IMAGE_PLACEMENTS] = "auto"
+    """`front`: LLaVA's `preprocess_multimodal` rewrite (each turn with images becomes `<image>\n` + its stripped
+    text, as llava-1.5 checkpoints were trained); `as_written`: placeholders stay where the data puts them;
+    `auto`: `front` for the LLaVA-family templates (vicuna_v1, phi, plain), else `as_written`."""
     max_length: int = Field(512, ge=8)
     """Maximum tokens per row (image tokens included); longer rows are truncated, never through an image."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
-    """Largest share of quarantined rows before preparation fails."""
-    check_images: bool = True
-    """Open every referenced image during validation (catches missing and corrupt files)."""
+    """Largest share of quarantined rows before preparation fails, and of rows whose images fail to load
+    during training (per rank, over the rows it has seen) before the run fails."""
+    check_images: Literal[IMAGE_CHECKS] = "decode"
+    """What validation does with each image: `decode` (decode every pixel, as training will), `header` (the
+    file exists and its header and checksums are sound), `off` (neither). Paths are resolved and confined to
+    `image_root` whatever the setting. The booleans of earlier versions mean `decode` (true) and `off` (false)."""
+    duplicate_ids: Literal[DUPLICATE_ID_POLICIES] = "warn"
+    """Rows that share an id: `keep` them unchecked, `warn` (count and name them, keep them), or `quarantine`
+    every occurrence after the first (in file order, then line order) as `duplicate_id`."""
+    max_row_bytes: int = Field(1_048_576, ge=1024)
+    """Largest record (its JSON text in bytes); a longer one is quarantined as `row_too_large`."""
+
+    @field_validator("check_images", mode="before")
+    @classmethod
+    def _boolean_image_checks(cls, value):
+        if isinstance(value, bool):
+            return "decode" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "DataConfig":
@@ -135,32 +190,7 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Training precision: `auto` is bf16 on GPU and float32 on CPU."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
-    """Attention kernel; `auto` is SDPA."""
-
-
-class TaskTemplateConfig(_Strict):
-    """How frequent instruction sentences (task templates) are chosen."""
-
-    top_k: int | None = Field(20, ge=0)
-    """Keep at most this many of the most frequent sentences."""
-    min_share: float | None = Field(0.01, ge=0.0, le=1.0)
-    """Keep only sentences found in at least this share of user turns."""
-    file: str | None = None
-    """Use a saved task-template list (JSON) instead of computing one."""
-
-
-class MaskingConfig(_Strict):
-    """Which tokens carry loss, and with which weight."""
-
-    mode: MaskingMode = "l2t"
-    """`response`: answers only (VIT); `l2t`: instructions too; `l2t_no_template`: instructions minus system,
-    role and task-template tokens."""
-    lambda_instruction: float = Field(1.0, ge=0.0)
-    """λ_I, the weight of instruction tokens."""
-    lambda_response: float = Field(1.0, ge=0.0)
-    """λ_A, the weight of response tokens."""
-    task_templates: TaskTemplateConfig = Field(default_factory=TaskTemplateConfig)
-    """Task-template selection."""
+    """Attention kernel; `auto`: FlashAttention-2 on GPU in bf16 when `flash_attn` imports, else SDPA (logged)."""
 
 
 class TrainConfig(_Strict):
@@ -205,6 +235,17 @@ class TrainConfig(_Strict):
     ingest: Literal["auto", "stream", "materialize"] = "auto"
     """`stream`: Ray Data loads images while training runs; `materialize`: load them all before the fit starts;
     `auto`: stream when the cluster has a CPU to spare beside the workers."""
+    loss_kernel: Literal[LOSS_KERNELS] = "chunked"
+    """nll per token: `chunked` (LM head and cross-entropy `loss_chunk_tokens` scored positions at a time, logits
+    recomputed in backward, never [tokens, vocab] at once), `full` (full logits), `liger` (Liger's fused kernel:
+    GPU, `pip install .[gpu]`, not with ZeRO-3). The loss is the same whichever."""
+    loss_chunk_tokens: int = Field(1024, ge=0)
+    """Positions per chunk of the `chunked` kernel; 0 materializes the full logits (as `full`)."""
+    packing: bool = False
+    """Pack each micro-batch's rows into few fixed-length sequences (first-fit decreasing, attention within each
+    row): the same rows, loss and gradients as padding them, fewer padded positions (`workloads/packing.py`)."""
+    packing_length: int | None = Field(None, ge=8)
+    """Packed sequence length; unset: per micro-batch, the multiple of its longest row that takes fewest positions."""
 
     @property
     def global_batch(self) -> int:
@@ -256,9 +297,12 @@ class SweepConfig(_Strict):
     lambda_response: list[float] = Field(default_factory=list)
     """λ_A values (`masking.lambda_response`)."""
     parameters: dict[str, list[Any]] = Field(default_factory=dict)
-    """Other swept keys by dotted path, e.g. `masking.mode: [response, l2t]` or `train.lr: [1e-4, 3e-4]`."""
+    """Other swept keys by dotted path, e.g. `masking.mode: [response, l2t_full, l2t]` or `train.lr: [1e-4, 3e-4]`."""
     points: list[dict[str, Any]] = Field(default_factory=list)
     """Explicit trials for `search: points`, each `{dotted.key: value}`."""
+    seeds: list[int] = Field(default_factory=list)
+    """Seeds crossed with every point (`train.seed`: weights init, data order, dropout; evaluation questions stay
+    fixed); the trials of one point form an arm that `l2t compare --baseline` reports with intervals."""
     num_samples: int = Field(4, ge=1)
     """Trials drawn for `search: random`."""
     seed: int = 0
@@ -299,13 +343,31 @@ class EvalConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     """torch threads per CPU actor; unset: its logical CPUs, at least 1. More threads than the actor
     holds backfire on a busy machine: 2 threads on 2 loaded cores ran the tiny model 30x slower than 1."""
+    answer_rule: Literal["auto", "vqa", "gqa", "exact"] = "auto"
+    """How short answers are scored: `vqa` (VQAv2's normalization and soft score), `gqa` (LLaVA's GQA
+    script: trailing periods stripped, lower-cased, exact match), `exact` (exact match after the VQA
+    normalization); `auto`: a question's or its file's own `answer_rule`, else `gqa` on GQA suites
+    (kind `gqa`, or a question file named like GQA) and `vqa` elsewhere."""
+    choice_parser: Literal["auto", "llava", "lenient"] = "auto"
+    """How multiple-choice answers are read: `llava` (LLaVA's ScienceQA parser: "B", "B. text" or
+    "The answer is B."), `lenient` (also "(B)", "B.", the option's text); `auto`: a question's or its
+    file's own `choice_parser`, else `llava` on question files and `lenient` on the synthetic suite."""
+    lmms_eval_tasks: list[str] = Field(default_factory=list)
+    """lmms-eval tasks to run on the model after the held-out evaluation (needs `pip install .[lmms]`),
+    one Ray task each; their metrics join the run's as `lmms/<task>/<metric>`."""
+    lmms_eval_include_path: str | None = None
+    """A folder of extra lmms-eval task YAMLs (local tasks and data)."""
+    lmms_eval_limit: int | None = Field(None, ge=1)
+    """Evaluate at most this many documents per lmms-eval task."""
 
 
 class TrackingConfig(_Strict):
     """MLflow."""
 
     uri: str | None = None
-    """Tracking URI (e.g. http://host:5000); a local SQLite store under `storage.path` when unset."""
+    """Tracking URI (e.g. http://host:5000, sqlite:///path/mlflow.db); a local SQLite store under `storage.path`
+    when unset. Credentials are better given as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; a
+    `user:password@` in the URI is taken out of it into those variables and never printed."""
     experiment: str = "l2t"
     """MLflow experiment name."""
 
@@ -314,7 +376,7 @@ class StorageConfig(_Strict):
     """Where prepared data, models, checkpoints and results go."""
 
     path: str = "./l2t_runs"
-    """A local folder or an s3:// URI."""
+    """A local folder or an s3:// URI (other URL schemes, e.g. http:// or gs://, are refused)."""
 
 
 class ExperimentConfig(_Strict):

@@ -20,7 +20,8 @@ neither scored nor used for VC.
 
 `normalize_question` gives every row the one shape `evaluator.Evaluator` and
 `eval_summary` read; `question_conversation` turns a row into the one-round
-conversation that is encoded exactly as training data is. The synthetic suite
+conversation that is encoded exactly as training data is, `question_prompt`
+into its user turn alone, from which the generation prompt is rendered. The synthetic suite
 (`synthetic_questions`, `synthetic_chair_vocabularies`) is held out from the
 synthetic training world of synthetic.py.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from workloads.answer_matching import normalize_vqa_answer
@@ -147,25 +149,26 @@ def synthetic_questions(
     max_objects: int = 1,
     image_size: int = 32,
     kinds: Sequence[str] | None = None,
+    world: str = "shapes",
 ) -> tuple[list[dict], str]:
     """The synthetic suite: held-out scenes (indices from synthetic.EVAL_START, disjoint from every
-    training row) with captioning, color, shape, counting and POPE-style questions; renders their
-    images under `out_dir`. Returns (normalized questions, image root).
+    training row) with captioning, short-answer and POPE-style questions; renders their images
+    under `out_dir`. Returns (normalized questions, image root).
 
-    Use the training set's `max_objects` and `image_size`: the suite is only held out, not shifted."""
-    from workloads.synthetic import SINGLE_ROUND_KINDS, generate_eval_questions, write_images
+    `world` "shapes": color, shape, count, existence and caption questions (kinds: a subset of
+    synthetic.SINGLE_ROUND_KINDS); "scenes": color, shape, size, count, relation (balanced yes/no),
+    POPE-balanced existence and caption questions over multi-object scenes (synthetic_scenes.EVAL_KINDS).
+    Use the training set's `world`, `max_objects` and `image_size`: the suite is only held out, not shifted."""
+    from workloads.synthetic import generate_eval_questions, write_images
 
-    raw = list(
-        generate_eval_questions(
-            rows, seed=seed, max_objects=max_objects, image_size=image_size, kinds=tuple(kinds or SINGLE_ROUND_KINDS)
-        )
-    )
-    write_images(raw, Path(out_dir), seed=seed, max_objects=max_objects, image_size=image_size)
+    geometry = dict(seed=seed, max_objects=max_objects, image_size=image_size, world=world)
+    raw = list(generate_eval_questions(rows, kinds=tuple(kinds) if kinds else None, **geometry))
+    write_images(raw, Path(out_dir), **geometry)
     return [normalize_question(r, i) for i, r in enumerate(raw)], str(out_dir)
 
 
 def synthetic_chair_vocabularies() -> dict[str, list[str]]:
-    """CHAIR vocabularies of the synthetic world: objects are colored shapes ("red circle"), so a
+    """CHAIR vocabularies of the synthetic worlds (both): objects are colored shapes ("red circle"), so a
     caption naming a color-shape pair that is not in the scene hallucinates (``chair_*``); the
     coarse ``chair_*_shape`` counts only shapes that are not there."""
     from workloads.synthetic import COLORS, SHAPES
@@ -175,15 +178,20 @@ def synthetic_chair_vocabularies() -> dict[str, list[str]]:
 
 def question_conversation(row: dict, answer: str | None = None) -> Conversation:
     """A question row as a one-round conversation answered by `answer` (default: its reference;
-    "?" stands in when it has none, which only serves to find the prompt)."""
-    text = row["text"]
-    images = (row["image"],) if row.get("image") else ()
-    if images and IMAGE_PLACEHOLDER not in text:
-        text = f"{IMAGE_PLACEHOLDER}\n{text}"
+    "?" stands in when it has none), the row that teacher-forced scoring encodes."""
     if answer is None:
         answer = row.get("answer")
         if isinstance(answer, list):
             answer = answer[0] if answer else None
-    return Conversation(
-        id=str(row["question_id"]), turns=(Turn("user", text), Turn("assistant", answer or "?")), images=images
-    )
+    question = question_prompt(row)
+    return replace(question, turns=question.turns + (Turn("assistant", answer or "?"),))
+
+
+def question_prompt(row: dict) -> Conversation:
+    """A question row as a conversation of its user turn alone: what the generation prompt is
+    rendered from (chat_templates.render_prompt_spans), so that it never depends on an answer."""
+    text = row["text"]
+    images = (row["image"],) if row.get("image") else ()
+    if images and IMAGE_PLACEHOLDER not in text:
+        text = f"{IMAGE_PLACEHOLDER}\n{text}"
+    return Conversation(id=str(row["question_id"]), turns=(Turn("user", text),), images=images)

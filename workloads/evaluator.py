@@ -1,11 +1,15 @@
 """Held-out evaluation of a trained model: answers, scores and visual contribution.
 
-Every question (a normalized row of eval_questions.py) is encoded exactly as
-training data is (same chat template, same segments), with its reference
-answer as the assistant turn. The prompt is everything before the first
-response token; the model answers it with greedy or beam-search decoding. The
-same encoded row, scored with the real image and with V=∅, gives the visual
-contribution over the response tokens:
+Every question (a normalized row of eval_questions.py) is answered from its
+generation prompt: the question's user turn and the template's assistant
+prefix (chat_templates.render_prompt_spans; e.g. vicuna_v1's ``"... USER:
+<image>\\nQ ASSISTANT:"``, what LLaVA's ``conv.get_prompt()`` gives), rendered
+with the same template, system prompt and image placement as training rows,
+so the prompt never depends on the reference answer. The model answers it
+with greedy or beam-search decoding. For scoring, the question is encoded
+exactly as training data is (same chat template, same segments) with its
+reference answer as the assistant turn; that row, scored with the real image
+and with V=∅, gives the visual contribution over the response tokens:
 
     VC = log p(A | V, I) - log p(A | V=∅, I)
 
@@ -31,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from workloads.chat_templates import RenderContext, render_prompt_spans
 from workloads.conversations import ConversationError
-from workloads.eval_questions import normalize_question, question_conversation
+from workloads.eval_questions import normalize_question, question_conversation, question_prompt
 from workloads.eval_summary import SampleResult, score_prediction, summarize
 from workloads.loss import token_nll
 from workloads.segment_codes import Segment
-from workloads.segments import EncodeSpec, encode_conversations
+from workloads.segments import EncodeSpec, encode_conversations, image_token_id
 
 NULL_IMAGES = ("noise", "blank", "none")
 
@@ -69,6 +74,36 @@ def _response_logp(
     nll = token_nll(logits, input_ids)
     is_response = (segs[:, 1:] == int(Segment.RESPONSE)).float()
     return (-(nll * is_response).sum(dim=1)).cpu().numpy(), is_response.sum(dim=1).cpu().numpy()
+
+
+def encode_prompts(convs: Sequence, tokenizer, spec: EncodeSpec) -> list:
+    """Generation prompt ids (int64) of each conversation, or its ConversationError, in order.
+
+    The prompt is `render_prompt_spans`: the turns up to the last user turn and
+    the template's assistant prefix, rendered with the `RenderContext` that
+    `encode_conversations` builds from `spec`; the text is tokenized the way
+    segments.py tokenizes training rows (one batched call, no special tokens
+    added: the template writes BOS itself) and each image placeholder becomes
+    `spec.num_image_tokens` image token ids. Its ids are those of the answered
+    row up to the assistant marker.
+    """
+    context = RenderContext.create(
+        spec.template, tokenizer, spec.task_templates, spec.image_token, spec.system_prompt, spec.image_placement
+    )
+    image_id = image_token_id(tokenizer, spec.image_token)
+    results: list = [None] * len(convs)
+    texts, positions = [], []
+    for i, conv in enumerate(convs):
+        try:
+            texts.append(render_prompt_spans(conv, context)[0])
+            positions.append(i)
+        except ConversationError as error:
+            results[i] = error
+    if texts:
+        for i, ids in zip(positions, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            ids = np.asarray(ids, dtype=np.int64)
+            results[i] = np.repeat(ids, np.where(ids == image_id, spec.num_image_tokens, 1))
+    return results
 
 
 def open_local_image(image_root: str | Path | None) -> Callable[[str], Any]:
@@ -158,10 +193,11 @@ class Evaluator:
         device = next(model.parameters()).device
         results: list[SampleResult | None] = [None] * len(questions)
         encoded = encode_conversations([question_conversation(q) for q in questions], self.tokenizer, self.spec)
+        prompts = encode_prompts([question_prompt(q) for q in questions], self.tokenizer, self.spec)
         kept, images = [], {}
-        for i, (q, e) in enumerate(zip(questions, encoded)):
-            if isinstance(e, ConversationError):
-                results[i] = _failed(q, e.reason)
+        for i, (q, e, p) in enumerate(zip(questions, encoded, prompts)):
+            if isinstance(e, ConversationError) or isinstance(p, ConversationError):
+                results[i] = _failed(q, (e if isinstance(e, ConversationError) else p).reason)
             elif q.get("image") and e.images_kept < 1:
                 results[i] = _failed(q, "image_truncated")
             else:
@@ -174,18 +210,24 @@ class Evaluator:
                 kept.append(i)
         if kept:
             rows = [questions[i] for i in kept]
-            samples = self._score([encoded[i] for i in kept], rows, [images[i] for i in kept if i in images], device)
+            samples = self._score(
+                [encoded[i] for i in kept],
+                [prompts[i] for i in kept],
+                rows,
+                [images[i] for i in kept if i in images],
+                device,
+            )
             for i, sample in zip(kept, samples):
                 results[i] = sample
         return results  # type: ignore[return-value]
 
-    def _score(self, encoded: list, rows: list[dict], images: list, device) -> list[SampleResult]:
+    def _score(self, encoded: list, prompts: list, rows: list[dict], images: list, device) -> list[SampleResult]:
+        """Generation from `prompts` (question only); teacher-forced scores from `encoded` (answered rows)."""
         model, tokenizer = self.model, self.tokenizer
         has_image = [bool(r.get("image")) for r in rows]
         pixel_values = self._pixels(images)
         ids = [e.input_ids.astype(np.int64) for e in encoded]
         segments = [e.segments.astype(np.int64) for e in encoded]
-        prompts = [i[: int(np.argmax(s == int(Segment.RESPONSE)))] for i, s in zip(ids, segments)]
 
         prompt_ids = _pad(prompts, self.pad_id, left=True).to(device)
         prompt_mask = _pad([np.ones(len(p), np.int64) for p in prompts], 0, left=True).to(device)

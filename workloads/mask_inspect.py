@@ -46,10 +46,18 @@ def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
 
 
 def inspect_rows(
-    encoded, tokenizer, mode: str, lambda_instruction: float = 1.0, lambda_response: float = 1.0
+    encoded,
+    tokenizer,
+    mode: str,
+    lambda_instruction: float = 1.0,
+    lambda_response: float = 1.0,
+    overrides: dict[str, float | None] | None = None,
 ) -> list[dict]:
-    """`encoded`: (row_id, EncodedRow) pairs -> [{"id", "tokens": [{"text", "id", "segment", "weight"}]}]."""
-    table = segment_weight_table(mode, lambda_instruction, lambda_response)
+    """`encoded`: (row_id, EncodedRow) pairs -> [{"id", "tokens": [{"text", "id", "segment", "weight"}]}].
+
+    `overrides`: per-segment weights as `MaskingConfig.weights.model_dump()` (see `segment_weight_table`).
+    """
+    table = segment_weight_table(mode, lambda_instruction, lambda_response, overrides)
     rows = []
     for row_id, row in encoded:
         if not isinstance(row, EncodedRow):
@@ -144,12 +152,54 @@ pre.row {{ white-space: pre-wrap; font-family: ui-monospace, monospace; line-hei
 """
 
 
+# The terminal's colors: 16-color names, one per segment (hex colors fall to the same few on 16/256-color
+# terminals, where system and pad, or response and end_of_turn, looked alike).
+TERMINAL_COLORS: dict[Segment, str] = {
+    Segment.PAD: "white",
+    Segment.SYSTEM: "bright_black",
+    Segment.ROLE: "yellow",
+    Segment.IMAGE: "magenta",
+    Segment.INSTRUCTION: "blue",
+    Segment.TASK_TEMPLATE: "bright_red",
+    Segment.RESPONSE: "green",
+    Segment.END_OF_TURN: "cyan",
+}
+
+# Piped (no colors): each span of tokens is marked by its segment's letter; lower case = weight 0.
+SEGMENT_LETTERS: dict[Segment, str] = {
+    Segment.PAD: "P",
+    Segment.SYSTEM: "S",
+    Segment.ROLE: "R",
+    Segment.IMAGE: "V",
+    Segment.INSTRUCTION: "I",
+    Segment.TASK_TEMPLATE: "T",
+    Segment.RESPONSE: "A",
+    Segment.END_OF_TURN: "E",
+}
+
+
+def to_plain_text(rows: list[dict]) -> str:
+    """The rows without colors: `[X]` before each span of one segment (legend first), for pipes and files."""
+    legend = " ".join(f"{letter}={segment.name.lower()}" for segment, letter in SEGMENT_LETTERS.items())
+    lines = [f"legend: {legend} (lower case = weight 0)"]
+    for row in rows:
+        lines.append(f"\n== {row['id']} ==")
+        parts, current = [], None
+        for item in collapsed_tokens(row["tokens"]):
+            letter = SEGMENT_LETTERS[Segment[item["segment"].upper()]]
+            marker = letter if item["weight"] > 0 else letter.lower()
+            parts.append(("" if marker == current else f"[{marker}]") + _visible(item["text"]))
+            current = marker
+        lines.append("".join(parts))
+    return "\n".join(lines) + "\n"
+
+
 def to_rich_text(rows: list[dict]):
     from rich.text import Text
 
     out = Text()
     out.append("legend: ")
-    for segment, color in SEGMENT_COLORS.items():
+    for segment, color in TERMINAL_COLORS.items():
         if segment != Segment.PAD:
             out.append(segment.name.lower(), style=f"bold {color}")
             out.append(" ")
@@ -157,7 +207,7 @@ def to_rich_text(rows: list[dict]):
     for row in rows:
         out.append(f"\n== {row['id']} ==\n", style="bold")
         for item in collapsed_tokens(row["tokens"]):
-            color = SEGMENT_COLORS[Segment[item["segment"].upper()]]
+            color = TERMINAL_COLORS[Segment[item["segment"].upper()]]
             style = color if item["weight"] > 0 else f"dim {color}"
             out.append(_visible(item["text"]), style=f"underline {style}")
         out.append("\n")

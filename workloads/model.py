@@ -12,6 +12,10 @@ two-layer MLP connector; the result is saved with its processor and loads like
 any LLaVA checkpoint. `tinyllava_config` gives that shape with random weights
 (the GPU benchmark uses it; nothing is downloaded).
 
+Training: `prepare_for_training` puts the model in training mode with the KV
+cache off (transformers recomputes checkpointed layers and applies dropout only
+in training mode); `attention_implementation` picks and logs the attention kernel.
+
 MFU: `TrainingFlops` counts the matmul FLOPs of one training step from the
 model's linear layers, attention and which parts train.
 """
@@ -19,12 +23,15 @@ model's linear layers, attention and which parts train.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FREEZE_POLICIES = ("connector_only", "vision_tower", "none")
 IMAGE_TOKEN = "<image>"
@@ -85,13 +92,39 @@ def torch_dtype(name: str, use_gpu: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _flash_attn_problem() -> str | None:
+    """Why FlashAttention-2 can't run here, or None when `flash_attn` imports (a wheel built for another torch
+    or CUDA is found by pip but fails to import, so this imports it rather than only looking for it)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn is not installed (pip install .[gpu])"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as error:  # an ABI mismatch raises ImportError or OSError
+        return f"flash_attn does not import: {type(error).__name__}: {error}"
+    return None
+
+
 def attention_implementation(requested: str, use_gpu: bool, dtype: torch.dtype) -> str:
-    """`auto`: FlashAttention-2 on GPU in bf16 when the package is installed, else SDPA."""
+    """`auto`: FlashAttention-2 on GPU in bf16 when `flash_attn` imports, else SDPA; logs the choice and why."""
     if requested != "auto":
+        logger.info("attention: %s (as configured)", requested)
         return requested
-    if use_gpu and dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if not use_gpu or dtype not in (torch.bfloat16, torch.float16):
+        choice, reason = "sdpa", "FlashAttention-2 needs a GPU and bf16/fp16" if use_gpu else "on CPU"
+    else:
+        problem = _flash_attn_problem()
+        choice, reason = ("sdpa", problem) if problem else ("flash_attention_2", "flash_attn imports")
+    logger.info("attention: %s (model.attn_implementation=auto: %s)", choice, reason)
+    return choice
+
+
+def prepare_for_training(model) -> None:
+    """Training mode and no KV cache: transformers recomputes checkpointed layers only when `model.training`,
+    applies dropout only then, and builds a cache on every forward while the LM's `use_cache` is on
+    (`from_pretrained` returns a model in eval mode with the cache on)."""
+    model.train()
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = False
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -319,7 +352,9 @@ class TrainingFlops:
     connector below the LM trains under every policy), 2·P for weight
     gradients if the LM trains; attention adds 4·L·d·s per token forward (QKᵀ
     and AV over the whole sequence of length s), doubled in backward. The vision
-    tower runs forward per patch, and backward only if it trains.
+    tower runs forward per patch, and backward only if it trains. The LM head
+    (`head_params` of `lm_params`) runs on `head_tokens` positions when given: the
+    chunked loss applies it only where a target is scored.
     """
 
     lm_params: int
@@ -332,6 +367,7 @@ class TrainingFlops:
     connector_params: int
     lm_trains: bool
     vision_trains: bool
+    head_params: int = 0
 
     @classmethod
     def of(cls, model) -> "TrainingFlops":
@@ -362,12 +398,16 @@ class TrainingFlops:
             connector_params=_matmul_params(projector) if projector is not None else 0,
             lm_trains=trains(language_model) or trains(lm_head),
             vision_trains=trains(tower),
+            head_params=_matmul_params(lm_head) if lm_head is not None else 0,
         )
 
-    def step(self, tokens: float, tokens_times_length: float, images: int) -> float:
-        """FLOPs for `tokens` LM tokens in sequences whose Σ length² is `tokens_times_length`, plus `images`."""
+    def step(self, tokens: float, tokens_times_length: float, images: int, head_tokens: float | None = None) -> float:
+        """FLOPs for `tokens` LM tokens in sequences whose Σ length² is `tokens_times_length`, plus `images`;
+        the LM head on `head_tokens` positions (all `tokens` when None). `images=0` counts the LM alone."""
         lm_passes = 2 + (1 if self.lm_trains else 0)  # forward, activation grads, weight grads
         lm = 2 * self.lm_params * tokens * lm_passes
+        if head_tokens is not None:
+            lm -= 2 * self.head_params * (tokens - head_tokens) * lm_passes
         lm += 4 * self.lm_layers * self.lm_hidden * tokens_times_length * 3
         features = images * self.vision_positions
         vision_passes = 3 if self.vision_trains else 1

@@ -10,6 +10,7 @@ tokenize once per batch with offsets, look every token's piece up with numpy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,11 +18,16 @@ from itertools import chain
 
 import numpy as np
 
+from workloads.conversations import ConversationError
 from workloads.segment_codes import Segment
+from workloads.special_tokens import SpecialTokens, content_specials, respell
 
 # --- encoding: rendered conversations -> token ids and segments (see encode_conversations) -----
 
-_IMAGE, _RESPONSE = int(Segment.IMAGE), int(Segment.RESPONSE)
+_ROLE, _IMAGE, _RESPONSE = int(Segment.ROLE), int(Segment.IMAGE), int(Segment.RESPONSE)
+_IS_RESPONSE = np.isin(np.arange(len(Segment)), [Segment.RESPONSE])
+_IS_INSTRUCTION = np.isin(np.arange(len(Segment)), [Segment.INSTRUCTION, Segment.TASK_TEMPLATE])
+_IS_CONTENT = _IS_RESPONSE | _IS_INSTRUCTION
 _WHITESPACE_TABLE = np.zeros(0x3001, dtype=bool)
 _WHITESPACE_TABLE[[c for c in range(0x3001) if chr(c).isspace()]] = True
 
@@ -39,6 +45,7 @@ class EncodeSpec:
     task_templates: tuple[str, ...] = ()
     image_token: str = "<image>"
     system_prompt: str | None = None
+    image_placement: str = "auto"  # front | as_written | auto (see DataConfig.image_placement)
 
     def __post_init__(self):
         if self.num_image_tokens < 1:
@@ -72,24 +79,38 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
 
     The procedure (docs/design.md, "Token segments"): render each conversation to
     text with character pieces (chat_templates.render_spans), tokenize the
-    texts in one batched call with the fast tokenizer's offsets, and give
-    every token the segment of the piece that holds its key character, by one
-    numpy searchsorted over the whole batch. No round is tokenized apart.
+    texts in one batched call with the fast tokenizer's offsets, and label
+    every token from the pieces its span covers, by numpy lookups over the
+    whole batch. No round is tokenized apart.
 
-    Key character, i.e. how a token that straddles two pieces is labeled: the
-    token's FIRST NON-WHITESPACE character (a token of whitespace only, or
-    with an empty span, goes by its first character). Tokenizers glue a word's
-    leading space to the word (" The", "▁The"), so the space after
-    "ASSISTANT:" sits inside the first answer token; keying on the first
-    visible character gives that token to the answer, where its content is.
-    So only whitespace ever crosses a piece boundary, and the property tests
-    compare segment texts up to whitespace at the boundaries. A token holding
-    visible characters of two pieces needs a merge between two visible
-    characters across a boundary; every template puts whitespace or a special
-    token at its boundaries, but a task-template sentence ends at a newline
-    inside the user's text, and a tokenizer that merges across newlines
-    (".\nWhat") would make such a token: it goes by its first visible
-    character too (tested), the rule is the same everywhere.
+    The rule, i.e. how a token is labeled, first match wins:
+
+    1. A token that holds ANY character of a reply (a RESPONSE piece) is
+       RESPONSE: Qwen2's byte-level BPE makes "\n\n" one token when a reply
+       starting with "\n" follows "<|im_start|>assistant\n", and that token
+       is trained. The EOS/"<|im_end|>" after a reply stays END_OF_TURN.
+    2. A token that holds a visible (non-whitespace) character of the human's
+       words is INSTRUCTION or TASK_TEMPLATE, by the piece of the first one.
+    3. A token of whitespace only that holds a character of the human's words
+       is formatting, ROLE: the "\n" of "<image>\n", spaces or a newline
+       between sentences, a newline that starts the user's text.
+    4. Any other token goes by its first visible character, or its first
+       character when it has none (template whitespace, empty spans).
+
+    Tokenizers glue a word's leading space to the word (" The", "▁The"), so
+    the space after "ASSISTANT:" sits in the first answer token, which rules
+    1 and 2 give to the answer. Templates put whitespace or a special token
+    at their boundaries, so only whitespace crosses a piece boundary, and the
+    property tests compare segment texts up to whitespace at the boundaries.
+    A merge across a boundary between visible characters (".\nWhat" after a
+    task-template sentence) goes by the first visible character (tested).
+    Only tokens that cover two pieces are looked at past one searchsorted.
+
+    Content never yields a special token (special_tokens.py): a row where a
+    special token lands on content (a reply quoting "</s>", a user typing
+    "<|im_end|>") is encoded again with that text spelled as text and the
+    template's own special tokens kept, or refused as
+    ConversationError("special_token_in_content"). Other rows pay nothing.
 
     Each image placeholder token (a single special token, checked) becomes
     `spec.num_image_tokens` copies of its id with segment IMAGE. Truncation to
@@ -110,13 +131,16 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
     from workloads.chat_templates import RenderContext
 
     image_id = image_token_id(tokenizer, spec.image_token)
-    context = RenderContext.create(spec.template, tokenizer, spec.task_templates, spec.image_token, spec.system_prompt)
+    specials = SpecialTokens(tokenizer)
+    context = RenderContext.create(
+        spec.template, tokenizer, spec.task_templates, spec.image_token, spec.system_prompt, spec.image_placement
+    )
     results: list = [None] * len(convs)
     step = max(1, chunk_rows)
     chunk_starts = range(0, len(convs), step)
     if len(chunk_starts) == 1:  # nothing to overlap with
         chunk = _render_chunk(convs, 0, step, context, results)
-        _finish_chunk(chunk, _tokenize(tokenizer, chunk.texts), spec, image_id, results)
+        _finish_chunk(chunk, _tokenize(tokenizer, chunk.texts), spec, image_id, specials, results)
         return results
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2t-tokenize") as tokenizer_thread:
         pending = None
@@ -124,10 +148,10 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
             chunk = _render_chunk(convs, start, start + step, context, results)
             tokenized = tokenizer_thread.submit(_tokenize, tokenizer, chunk.texts)
             if pending is not None:
-                _finish_chunk(pending[0], pending[1].result(), spec, image_id, results)
+                _finish_chunk(pending[0], pending[1].result(), spec, image_id, specials, results)
             pending = (chunk, tokenized)
         if pending is not None:
-            _finish_chunk(pending[0], pending[1].result(), spec, image_id, results)
+            _finish_chunk(pending[0], pending[1].result(), spec, image_id, specials, results)
     return results
 
 
@@ -142,7 +166,6 @@ class _RenderedChunk:
 
 def _render_chunk(convs: Sequence, start: int, stop: int, context, results: list) -> _RenderedChunk:
     from workloads.chat_templates import render_spans
-    from workloads.conversations import ConversationError
 
     chunk = _RenderedChunk([], [], [], [], [])
     for i in range(start, min(stop, len(convs))):
@@ -160,12 +183,8 @@ def _render_chunk(convs: Sequence, start: int, stop: int, context, results: list
     return chunk
 
 
-def _finish_chunk(chunk: _RenderedChunk, tokenized, spec: EncodeSpec, image_id: int, results: list) -> None:
-    ids_lists, offset_lists = tokenized
-    rows = _segment(
-        chunk.texts, chunk.piece_starts, chunk.piece_segments, chunk.row_ids, ids_lists, offset_lists, spec, image_id
-    )
-    for i, row in zip(chunk.positions, rows):
+def _finish_chunk(chunk: _RenderedChunk, tokenized, spec: EncodeSpec, image_id: int, specials, results) -> None:
+    for i, row in zip(chunk.positions, _segment(chunk, *tokenized, spec, image_id, specials)):
         results[i] = row
 
 
@@ -173,9 +192,9 @@ def segment_tokens(rendered, tokenizer, spec: EncodeSpec, row_id: str = "?") -> 
     """One already rendered row (chat_templates.Rendered); raises ConversationError if it is unusable."""
     starts = [p.start for p in rendered.pieces]
     segments = [int(p.segment) for p in rendered.pieces]
+    chunk = _RenderedChunk([rendered.text], [starts], [segments], [0], [row_id])
     image_id = image_token_id(tokenizer, spec.image_token)
-    ids_lists, offset_lists = _tokenize(tokenizer, [rendered.text])
-    (row,) = _segment([rendered.text], [starts], [segments], [row_id], ids_lists, offset_lists, spec, image_id)
+    (row,) = _segment(chunk, *_tokenize(tokenizer, chunk.texts), spec, image_id, SpecialTokens(tokenizer))
     if isinstance(row, Exception):
         raise row
     return row
@@ -200,53 +219,31 @@ def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[t
 
 
 def _segment(
-    texts, piece_starts, piece_segments, row_ids, ids_lists, offset_lists, spec: EncodeSpec, image_id: int
+    chunk: _RenderedChunk,
+    ids_lists,
+    offset_lists,
+    spec: EncodeSpec,
+    image_id: int,
+    specials: SpecialTokens,
+    respelled: bool = False,
 ) -> list:
-    """Segments for tokenized rows: the vectorized lookup, image expansion and truncation."""
-    from workloads.conversations import ConversationError
+    """Segments for tokenized rows: the vectorized lookup, image expansion and truncation.
 
-    n_rows = len(texts)
+    Rows where a special token lands on content are encoded again with the
+    special-token text of their content spelled as text (`respelled` marks
+    that second pass: a row where one still does is refused)."""
+    n_rows, row_ids = len(chunk.texts), chunk.row_ids
     if n_rows == 0:
         return []
-
-    # Everything below works on the whole batch at once: rows are concatenated.
-    token_counts = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n_rows)
-    n_tokens = int(token_counts.sum())
-    ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=n_tokens)
-    offsets = np.fromiter(
-        chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * n_tokens
-    ).reshape(n_tokens, 2)
-    text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n_rows)
-    text_base = np.zeros(n_rows, dtype=np.int64)
-    np.cumsum(text_lengths[:-1], out=text_base[1:])
-    token_text_base = np.repeat(text_base, token_counts)
-    starts = offsets[:, 0] + token_text_base
-    ends = offsets[:, 1] + token_text_base
-
-    keys = _key_characters(texts, starts, ends)
-    # An empty span at the very end of a row would otherwise point into the next row.
-    np.minimum(keys, np.repeat(text_base + text_lengths - 1, token_counts), out=keys)
-
-    pieces_per_row = np.fromiter(map(len, piece_starts), dtype=np.int64, count=n_rows)
-    global_piece_starts = np.fromiter(chain.from_iterable(piece_starts), dtype=np.int64) + np.repeat(
-        text_base, pieces_per_row
-    )
-    segment_of_piece = np.fromiter(chain.from_iterable(piece_segments), dtype=np.int8)
-    segments = segment_of_piece[np.searchsorted(global_piece_starts, keys, side="right") - 1]
-
-    # Per-row facts, from the unexpanded tokens.
-    row_token_starts = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(token_counts, out=row_token_starts[1:])
-
-    def per_row(flags: np.ndarray) -> np.ndarray:  # how many flagged tokens each row has
-        cumulative = np.zeros(len(flags) + 1, dtype=np.int64)
-        np.cumsum(flags, out=cumulative[1:])
-        return np.diff(cumulative[row_token_starts])
+    batch = _Batch.of(chunk.texts, chunk.piece_starts, chunk.piece_segments, ids_lists, offset_lists)
+    ids, token_counts = batch.ids, batch.token_counts
+    segments = _token_segments(batch)
 
     is_image = ids == image_id
-    images_per_row = per_row(is_image)
-    misplaced_images = per_row(is_image != (segments == _IMAGE)).tolist()
-    responses_per_row = per_row(segments == _RESPONSE).tolist()
+    images_per_row = batch.per_row(is_image)
+    misplaced_images = batch.per_row(is_image != (segments == _IMAGE)).tolist()
+    responses_per_row = batch.per_row(segments == _RESPONSE).tolist()
+    on_content = content_specials(batch, specials, image_id)
 
     block = spec.num_image_tokens
     ids, segments, row_bounds = _expand_images(ids, segments, is_image, token_counts, images_per_row, block)
@@ -257,6 +254,7 @@ def _segment(
     for r in range(n_rows):
         a, z = row_bounds[r], row_bounds[r + 1]
         if misplaced_images[r]:
+            on_content.pop(r, None)
             results.append(
                 ConversationError(
                     "image_placeholder_mismatch",
@@ -271,22 +269,152 @@ def _segment(
                 results.append(ConversationError("no_trained_tokens", f"row {row_ids[r]!r}: no response token"))
         else:
             results.append(_truncated(ids[a:z], segments[a:z], image_id, block, max_length, row_ids[r]))
+    if on_content:  # rare: these rows are encoded again, on their own
+        again = _RenderedChunk([], [], [], [], [])
+        tokenized: tuple[list, list] = ([], [])
+        for r, (tokens, spans_template) in on_content.items():
+            text, r_ids, r_offsets = chunk.texts[r], ids_lists[r], offset_lists[r]
+            encoded = respell(text, r_ids, r_offsets, tokens, spans_template or respelled, specials, row_ids[r])
+            if isinstance(encoded, ConversationError):
+                results[r] = encoded
+                continue
+            again.texts.append(text)
+            again.piece_starts.append(chunk.piece_starts[r])
+            again.piece_segments.append(chunk.piece_segments[r])
+            again.positions.append(r)
+            again.row_ids.append(row_ids[r])
+            tokenized[0].append(encoded[0])
+            tokenized[1].append(encoded[1])
+        for r, row in zip(again.positions, _segment(again, *tokenized, spec, image_id, specials, respelled=True)):
+            results[r] = row
     return results
 
 
-def _key_characters(texts, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Key character of each token (global offsets into the joined texts): its first non-whitespace
-    character, or its first character when it has none (whitespace only, or an empty span)."""
-    codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+@dataclass
+class _Batch:
+    """Tokenized rows concatenated: token spans and pieces in offsets into the joined texts."""
+
+    ids: np.ndarray  # int32, all tokens of all rows
+    starts: np.ndarray  # int64 global character span of each token (empty spans at a row's end moved inside it)
+    ends: np.ndarray
+    token_counts: np.ndarray
+    row_token_starts: np.ndarray  # row r's tokens are [row_token_starts[r], row_token_starts[r + 1])
+    piece_starts: np.ndarray  # global
+    piece_ends: np.ndarray
+    piece_segments: np.ndarray  # int8
+    before: dict  # kind -> how many non-empty pieces of that kind precede each piece (length n_pieces + 1)
+    texts: list
+
+    @classmethod
+    def of(cls, texts, piece_starts, piece_segments, ids_lists, offset_lists) -> _Batch:
+        n_rows = len(texts)
+        token_counts = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n_rows)
+        n_tokens = int(token_counts.sum())
+        ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=n_tokens)
+        offsets = np.fromiter(
+            chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * n_tokens
+        ).reshape(n_tokens, 2)
+        text_lengths = np.fromiter(map(len, texts), dtype=np.int64, count=n_rows)
+        text_base = np.zeros(n_rows, dtype=np.int64)
+        np.cumsum(text_lengths[:-1], out=text_base[1:])
+        token_text_base = np.repeat(text_base, token_counts)
+        starts = offsets[:, 0] + token_text_base
+        ends = offsets[:, 1] + token_text_base
+        row_token_starts = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(token_counts, out=row_token_starts[1:])
+        # An empty span at the very end of a row would otherwise point into the next row.
+        empty = np.flatnonzero(starts >= ends)
+        if empty.size:
+            row_ends = (text_base + text_lengths)[np.searchsorted(row_token_starts, empty, side="right") - 1]
+            starts[empty] = ends[empty] = np.minimum(starts[empty], row_ends - 1)
+
+        pieces_per_row = np.fromiter(map(len, piece_starts), dtype=np.int64, count=n_rows)
+        global_starts = np.fromiter(chain.from_iterable(piece_starts), dtype=np.int64) + np.repeat(
+            text_base, pieces_per_row
+        )
+        global_ends = np.append(global_starts[1:], int(text_lengths.sum()))
+        segments = np.fromiter(chain.from_iterable(piece_segments), dtype=np.int8, count=len(global_starts))
+        nonempty = global_ends > global_starts
+        before = {}
+        for kind, table in (("response", _IS_RESPONSE), ("instruction", _IS_INSTRUCTION), ("content", _IS_CONTENT)):
+            before[kind] = np.concatenate([[0], np.cumsum(table[segments] & nonempty)])
+        before["any"] = np.concatenate([[0], np.cumsum(nonempty)])
+        return cls(
+            ids, starts, ends, token_counts, row_token_starts, global_starts, global_ends, segments, before, texts
+        )
+
+    def per_row(self, flags: np.ndarray) -> np.ndarray:
+        """How many flagged tokens each row has."""
+        cumulative = np.zeros(len(flags) + 1, dtype=np.int64)
+        np.cumsum(flags, out=cumulative[1:])
+        return np.diff(cumulative[self.row_token_starts])
+
+    def piece_of(self, positions: np.ndarray) -> np.ndarray:
+        """The piece holding each global character position (the last one starting at or before it)."""
+        return np.searchsorted(self.piece_starts, positions, side="right") - 1
+
+    def holds(self, kind: str, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """Whether pieces first..last (inclusive) include a non-empty piece of `kind`."""
+        before = self.before[kind]
+        return before[last + 1] > before[first]
+
+    @functools.cached_property
+    def joined(self) -> str:
+        return "".join(self.texts)
+
+    @functools.cached_property
+    def codepoints(self) -> np.ndarray:
+        return np.frombuffer(self.joined.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _token_segments(batch: _Batch) -> np.ndarray:
+    """Each token's segment, by the rule of `encode_conversations`, for the whole batch at once."""
+    starts, ends = batch.starts, batch.ends
+    first = batch.piece_of(starts)
+    segments = batch.piece_segments[first]
+    straddling = ends > batch.piece_ends[first]
+    # A token within one piece has that piece's segment, but whitespace on the instruction side is ROLE.
+    instruction_side = np.flatnonzero(_IS_INSTRUCTION[segments] & ~straddling)
+    keys = _first_visible(batch.codepoints, starts[instruction_side], ends[instruction_side])
+    blank = (keys >= ends[instruction_side]) & (starts[instruction_side] < ends[instruction_side])
+    segments[instruction_side[blank]] = _ROLE
+    straddlers = np.flatnonzero(straddling)
+    if straddlers.size:
+        segments[straddlers] = _straddler_segments(batch, straddlers, first[straddlers])
+    return segments
+
+
+def _straddler_segments(batch: _Batch, tokens: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Segments of tokens whose span covers more than one piece."""
+    starts, ends = batch.starts[tokens], batch.ends[tokens]
+    last = batch.piece_of(ends - 1)
+    keys = _first_visible(batch.codepoints, starts, ends)
+    visible = keys < ends
+    key_piece = np.where(visible, batch.piece_of(np.minimum(keys, ends - 1)), first)
+    segments = batch.piece_segments[key_piece]
+    blank_formatting = ~visible & batch.holds("instruction", first, last)
+    segments[blank_formatting] = _ROLE
+    # Rare: the first visible character is the template's, a later one the human's.
+    later = np.flatnonzero(visible & ~_IS_INSTRUCTION[segments] & batch.holds("instruction", key_piece + 1, last))
+    for i in later.tolist():
+        positions = np.arange(keys[i], ends[i])
+        pieces = batch.piece_of(positions)
+        human = _IS_INSTRUCTION[batch.piece_segments[pieces]] & ~_is_space(batch.codepoints[positions])
+        if human.any():
+            segments[i] = batch.piece_segments[pieces[np.argmax(human)]]
+    segments[batch.holds("response", first, last)] = _RESPONSE
+    return segments
+
+
+def _first_visible(codepoints: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Global position of each span's first non-whitespace character; its end when it has none."""
     keys = starts.copy()
-    moving = np.flatnonzero(starts < ends)  # tokens whose key may still move right
+    moving = np.flatnonzero(keys < ends)
     moving = moving[_is_space(codepoints[keys[moving]])]
     while moving.size:  # one step per leading whitespace character; tokens rarely carry more than one
         keys[moving] += 1
         moving = moving[keys[moving] < ends[moving]]
         moving = moving[_is_space(codepoints[keys[moving]])]
-    whitespace_only = keys >= ends
-    keys[whitespace_only] = starts[whitespace_only]
     return keys
 
 
@@ -312,8 +440,6 @@ def _expand_images(
 
 
 def _truncated(ids: np.ndarray, segments: np.ndarray, image_id: int, block: int, max_length: int, row_id: str):
-    from workloads.conversations import ConversationError
-
     cut, images_kept = _truncation_point(ids, image_id, block, max_length)
     if not (segments[:cut] == _RESPONSE).any():
         return ConversationError(

@@ -1,58 +1,68 @@
-"""A visually grounded synthetic instruction set in LLaVA JSON format.
+"""The synthetic visual instruction sets in LLaVA JSON format: two worlds, one entry point.
 
 No data set can be downloaded here, yet the L2T comparison (docs/design.md) only
 means something when the instructions can be predicted from the image: L2T
 trains the model to predict what is asked, which needs a data set whose
-questions are about what is in the picture. So each row is a small scene of
-colored shapes on a light background and every question (caption, color,
-shape, count, POPE-style existence, multi-turn mixes) is answerable from the
-image alone: a model that ignores the image is at chance.
+questions are about what is in the picture. Every question of both worlds is
+answerable from the image alone: a model that ignores the image is at chance.
+
+- ``world="shapes"`` (the default, this module): one to a few colored shapes with
+  distinct shapes and colors, and one-round caption, color, shape, count and
+  POPE-style existence questions (plus multi-turn mixes of them). Answers are one
+  or two tokens; the tiny model's unit tests and the fast test fixtures use it.
+- ``world="scenes"`` (`workloads.synthetic_scenes`, whose docstring gives the
+  figures it targets): multi-object scenes, questions about attributes, counts and
+  relations with a long tail of phrasings, and LLaVA-665K's mix of short answers
+  and long descriptive, reasoning and conversation answers. The quickstart and the
+  λ grid use it.
 
 Everything about row ``index`` is a pure function of ``(seed, index)``, so rows
 can be generated in any order, in parallel, and millions of rows of text can
 be produced without rendering a single image; PNGs are rendered lazily by
 ``write_images`` (or ``render_scene(make_scene(seed, index))``) when needed.
 
-Question phrasings come with unequal weights, and the LLaVA task-template
-sentence "Answer the question using a single word or phrase." is appended to
-most short-answer questions, so that task-template statistics over the data
-set see a realistic frequency distribution with that sentence on top.
+In the shapes world, question phrasings come with unequal weights, and the LLaVA
+task-template sentence "Answer the question using a single word or phrase." is
+appended to most short-answer questions, so that task-template statistics over the
+data set see a frequency distribution with that sentence on top.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from workloads import synthetic_scenes as scenes
+from workloads.synthetic_common import (  # noqa: F401 - re-exported
+    BACKGROUND_RGB,
+    COLOR_RGB,
+    COLORS,
+    EVAL_START,
+    SHAPES,
+    SHORT_ANSWER_SENTENCE,
+    SIZES,
+    YES_NO_SENTENCE,
+    Scene,
+    SceneObject,
+    check_kinds,
+    image_path,
+    index_from_id,
+    layout_grid,
+    pick,
+    pick_weighted,
+    record_id,
+    render_scene,
+    rng_for,
+    sample,
+    size_geometry,
+)
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
-# Saturated, far-apart colors; shapes are drawn without antialiasing, so every
-# object pixel has exactly its color, even at 32 px.
-COLOR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 20, 20),
-    "green": (20, 160, 40),
-    "blue": (20, 60, 220),
-    "yellow": (240, 200, 0),
-    "purple": (140, 30, 170),
-    "orange": (245, 120, 0),
-}
-COLORS: tuple[str, ...] = tuple(COLOR_RGB)
-SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUND_RGB: tuple[int, int, int] = (238, 238, 232)
-
+WORLDS: tuple[str, ...] = ("shapes", "scenes")
 ALL_KINDS: tuple[str, ...] = ("caption", "color", "shape", "count", "exists", "multi_turn")
 SINGLE_ROUND_KINDS: tuple[str, ...] = ("caption", "color", "shape", "count", "exists")
-
-SHORT_ANSWER_SENTENCE = "Answer the question using a single word or phrase."
-YES_NO_SENTENCE = "Please answer yes or no."
-# Eval indices start here, far from any train index, so the sets are disjoint.
-EVAL_START = 10**9
 
 # Phrasings with relative weights (the first is the canonical one used for eval).
 CAPTION_PROMPTS: tuple[tuple[str, int], ...] = (
@@ -86,11 +96,6 @@ EXISTS_QUESTIONS: tuple[tuple[str, int], ...] = (
 SHORT_ANSWER_SUFFIXES: tuple[tuple[str, int], ...] = ((SHORT_ANSWER_SENTENCE, 7), ("", 3))
 EXISTS_SUFFIXES: tuple[tuple[str, int], ...] = ((SHORT_ANSWER_SENTENCE, 5), (YES_NO_SENTENCE, 3), ("", 2))
 
-# Objects sit in distinct cells of a g x g grid, g the smallest that holds
-# max_objects, and are as large as their cell allows: a tiny LLaVA learns the
-# color of a shape covering ~15% of a 32 px image within ~100 steps, but stayed
-# at chance for 300 steps at ~8% (measured here).
-_RADIUS_PER_CELL = {"small": 0.3, "large": 0.44}
 _POSITION_GRID = 3  # positions are named by thirds of the image, whatever the layout grid
 _POSITION_PHRASES = (
     ("at the top left", "at the top", "at the top right"),
@@ -98,27 +103,6 @@ _POSITION_PHRASES = (
     ("at the bottom left", "at the bottom", "at the bottom right"),
 )
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-
-
-@dataclass(frozen=True, slots=True)
-class SceneObject:
-    shape: str
-    color: str
-    size: str
-    x: int  # center, pixels
-    y: int
-    radius: int | None = None  # half the drawn extent, pixels; None: the 3x3-layout radius for `size`
-
-    @property
-    def name(self) -> str:
-        """The object's name as questions and hallucination checks use it: "red circle"."""
-        return f"{self.color} {self.shape}"
-
-
-@dataclass(frozen=True, slots=True)
-class Scene:
-    objects: tuple[SceneObject, ...]
-    image_size: int
 
 
 @dataclass(frozen=True)
@@ -131,50 +115,10 @@ class SyntheticDataset:
     image_size: int
     train_rows: int
     eval_rows: int
+    world: str = "shapes"
 
 
-# ---------------------------------------------------------------- scenes
-
-
-def _rng(seed: int, index: int) -> random.Random:
-    """The one random stream of row ``index``: injective in (seed, index) for index < 2**64."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be non-negative, got seed={seed} index={index}")
-    return random.Random((seed << 64) | index)
-
-
-def _pick(rng: random.Random, items: Sequence):
-    return items[int(rng.random() * len(items))]
-
-
-def _pick_weighted(rng: random.Random, weighted: Sequence[tuple[str, int]]) -> str:
-    point = rng.random() * _total_weight(weighted)
-    for item, weight in weighted:
-        point -= weight
-        if point < 0:
-            return item
-    return weighted[-1][0]
-
-
-_TOTAL_WEIGHTS: dict[int, int] = {}
-
-
-def _total_weight(weighted: Sequence[tuple[str, int]]) -> int:
-    total = _TOTAL_WEIGHTS.get(id(weighted))
-    if total is None:
-        total = _TOTAL_WEIGHTS[id(weighted)] = sum(weight for _, weight in weighted)
-    return total
-
-
-def _sample(rng: random.Random, items: Sequence, k: int) -> list:
-    """``k`` distinct items; like ``rng.sample`` but several times faster for tiny pools."""
-    pool = list(items)
-    return [pool.pop(int(rng.random() * len(pool))) for _ in range(k)]
-
-
-def _layout_grid(max_objects: int) -> int:
-    """Side of the layout grid: the smallest square grid with a cell for every object."""
-    return math.ceil(math.sqrt(max_objects))
+# ---------------------------------------------------------------- scenes (shapes world)
 
 
 def _draw_scene(rng: random.Random, max_objects: int, image_size: int) -> Scene:
@@ -182,13 +126,13 @@ def _draw_scene(rng: random.Random, max_objects: int, image_size: int) -> Scene:
         raise ValueError(f"max_objects must be in 1..{len(SHAPES)}, got {max_objects}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
-    grid = _layout_grid(max_objects)
+    grid = layout_grid(max_objects)
     count = 1 + int(rng.random() * max_objects)
     # Distinct shapes, colors and grid cells: "the circle" and "the red object"
     # always name one object, and objects never overlap.
     shapes, colors, cells = list(SHAPES), list(COLORS), list(range(grid * grid))
     cell = image_size / grid
-    geometry = _size_geometry(image_size, grid)
+    geometry = size_geometry(image_size, grid)
     random_ = rng.random
     objects = []
     for _ in range(count):
@@ -203,46 +147,24 @@ def _draw_scene(rng: random.Random, max_objects: int, image_size: int) -> Scene:
     return Scene(tuple(objects), image_size)
 
 
-def make_scene(seed: int, index: int, *, max_objects: int = 2, image_size: int = 32) -> Scene:
-    """The scene of row ``index``: 1..max_objects objects with distinct shapes, colors and grid cells."""
-    return _draw_scene(_rng(seed, index), max_objects, image_size)
+def make_scene(
+    seed: int, index: int, *, max_objects: int | None = None, image_size: int = 32, world: str = "shapes"
+) -> Scene:
+    """The scene of row ``index``: in the shapes world 1..max_objects objects with distinct shapes, colors and
+    grid cells; in the scenes world `synthetic_scenes.make_scene`. ``max_objects`` None: the world's default."""
+    max_objects = _max_objects(world, max_objects)
+    if world == "scenes":
+        return scenes.make_scene(seed, index, max_objects=max_objects, image_size=image_size)
+    return _draw_scene(rng_for(seed, index), max_objects, image_size)
 
 
-@functools.cache
-def _size_geometry(image_size: int, grid: int) -> dict[str, tuple[int, float]]:
-    """Per size: the radius, and how far the center may move off its cell's center with the object staying inside."""
-    cell = image_size / grid
-    geometry = {}
-    for size in SIZES:
-        radius = max(2, round(cell * _RADIUS_PER_CELL[size]))
-        geometry[size] = (radius, max(0.0, cell / 2 - radius - 1))
-    return geometry
-
-
-def render_scene(scene: Scene) -> Image.Image:
-    """Draw the scene: flat colors, no antialiasing, each object's center pixel has its color."""
-    image = Image.new("RGB", (scene.image_size, scene.image_size), BACKGROUND_RGB)
-    draw = ImageDraw.Draw(image)
-    for obj in scene.objects:
-        fill = COLOR_RGB[obj.color]
-        r = obj.radius if obj.radius is not None else _size_geometry(scene.image_size, 3)[obj.size][0]
-        x, y = obj.x, obj.y
-        if obj.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif obj.shape == "square":
-            side = round(r * 0.85)
-            draw.rectangle((x - side, y - side, x + side, y + side), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
-        elif obj.shape == "diamond":
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
-        elif obj.shape == "cross":
-            arm = max(1, round(r / 3))
-            draw.rectangle((x - r, y - arm, x + r, y + arm), fill=fill)
-            draw.rectangle((x - arm, y - r, x + arm, y + r), fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}")
-    return image
+def _max_objects(world: str, max_objects: int | None) -> int:
+    """``max_objects``, or the world's default when None (shapes 2, scenes 4); checks the world's name."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown synthetic world {world!r}; expected one of {WORLDS}")
+    if max_objects is not None:
+        return max_objects
+    return scenes.DEFAULT_MAX_OBJECTS if world == "scenes" else 2
 
 
 # ---------------------------------------------------------------- text
@@ -286,16 +208,16 @@ def _question_and_answer(rng: random.Random, scene: Scene, kind: str, canonical:
     """
 
     def phrasing(weighted: Sequence[tuple[str, int]]) -> str:
-        return weighted[0][0] if canonical else _pick_weighted(rng, weighted)
+        return weighted[0][0] if canonical else pick_weighted(rng, weighted)
 
     if kind == "caption":
         return phrasing(CAPTION_PROMPTS), caption(scene)
     if kind == "color":
-        target = _pick(rng, scene.objects)
+        target = pick(rng, scene.objects)
         question = phrasing(COLOR_QUESTIONS).format(shape=target.shape)
         return _with_suffix(question, phrasing(SHORT_ANSWER_SUFFIXES)), target.color.capitalize()
     if kind == "shape":
-        target = _pick(rng, scene.objects)
+        target = pick(rng, scene.objects)
         question = phrasing(SHAPE_QUESTIONS).format(color=target.color)
         return _with_suffix(question, phrasing(SHORT_ANSWER_SUFFIXES)), target.shape.capitalize()
     if kind == "count":
@@ -306,11 +228,11 @@ def _question_and_answer(rng: random.Random, scene: Scene, kind: str, canonical:
         # color/shape pair that is not (often a present shape in another color).
         present = {(o.color, o.shape) for o in scene.objects}
         if rng.random() < 0.5:
-            target = _pick(rng, scene.objects)
+            target = pick(rng, scene.objects)
             color, shape, answer = target.color, target.shape, "Yes"
         else:
             while True:
-                color, shape = _pick(rng, COLORS), _pick(rng, SHAPES)
+                color, shape = pick(rng, COLORS), pick(rng, SHAPES)
                 if (color, shape) not in present:
                     break
             answer = "No"
@@ -322,7 +244,7 @@ def _question_and_answer(rng: random.Random, scene: Scene, kind: str, canonical:
 def _conversation(rng: random.Random, scene: Scene, kind: str) -> list[dict[str, str]]:
     if kind == "multi_turn":
         rounds = 2 + int(rng.random() * 2)
-        round_kinds = _sample(rng, SINGLE_ROUND_KINDS, rounds)
+        round_kinds = sample(rng, SINGLE_ROUND_KINDS, rounds)
     else:
         round_kinds = [kind]
     turns = []
@@ -335,46 +257,42 @@ def _conversation(rng: random.Random, scene: Scene, kind: str) -> list[dict[str,
     return turns
 
 
-def record_id(index: int) -> str:
-    return f"syn-{index:08d}"
-
-
-def image_path(index: int) -> str:
-    """The image path of row ``index``, relative to the data set's image root."""
-    return f"images/syn-{index:08d}.png"
-
-
-def index_from_id(row_id: str) -> int:
-    """Inverse of ``record_id``: the row index that determines the row's scene."""
-    prefix, _, digits = row_id.rpartition("-")
-    if prefix != "syn" or not digits.isdigit():
-        raise ValueError(f"not a synthetic row id: {row_id!r}")
-    return int(digits)
-
-
-def _check_kinds(kinds: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
-    kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in allowed]
-    if not kinds or unknown:
-        raise ValueError(f"kinds must be a non-empty subset of {tuple(allowed)}, got {kinds}")
-    return kinds
-
-
 def generate_records(
     n: int,
     *,
     seed: int,
     start: int = 0,
-    max_objects: int = 2,
+    max_objects: int | None = None,
     image_size: int = 32,
-    kinds: Sequence[str] = ALL_KINDS,
+    kinds: Sequence[str] | None = None,
+    world: str = "shapes",
+    mix: Mapping[str, float] | None = None,
+    long_answer_share: float | None = None,
 ) -> Iterator[dict]:
-    """LLaVA records for rows ``start .. start+n-1``; renders nothing."""
-    kinds = _check_kinds(kinds, ALL_KINDS)
+    """LLaVA records for rows ``start .. start+n-1``; renders nothing.
+
+    ``kinds``: the conversation kinds to generate (shapes: ALL_KINDS by default; scenes: a subset of
+    `synthetic_scenes.SCENE_KINDS`); ``mix`` and ``long_answer_share`` weigh the scenes world's kinds."""
+    max_objects = _max_objects(world, max_objects)
+    if world == "scenes":
+        yield from scenes.generate_scene_records(
+            n,
+            seed=seed,
+            start=start,
+            max_objects=max_objects,
+            image_size=image_size,
+            mix=mix,
+            long_answer_share=long_answer_share,
+            kinds=kinds,
+        )
+        return
+    if mix is not None or long_answer_share is not None:
+        raise ValueError("mix and long_answer_share are settings of the scenes world (world='scenes')")
+    kinds = check_kinds(ALL_KINDS if kinds is None else kinds, ALL_KINDS)
     for index in range(start, start + n):
-        rng = _rng(seed, index)
+        rng = rng_for(seed, index)
         scene = _draw_scene(rng, max_objects, image_size)  # same draws as make_scene(seed, index)
-        kind = _pick(rng, kinds)
+        kind = pick(rng, kinds)
         yield {"id": record_id(index), "image": image_path(index), "conversations": _conversation(rng, scene, kind)}
 
 
@@ -383,20 +301,28 @@ def generate_eval_questions(
     *,
     seed: int,
     start: int = EVAL_START,
-    max_objects: int = 2,
+    max_objects: int | None = None,
     image_size: int = 32,
-    kinds: Sequence[str] = SINGLE_ROUND_KINDS,
+    kinds: Sequence[str] | None = None,
+    world: str = "shapes",
 ) -> Iterator[dict]:
     """LLaVA-style eval question rows, canonical phrasing, one question per row.
 
     ``text`` has no image placeholder (eval code adds it, as LLaVA's does);
-    ``objects`` names what is in the image, for hallucination checks.
+    ``objects`` names what is in the image, for hallucination checks. Kinds:
+    SINGLE_ROUND_KINDS (shapes) or `synthetic_scenes.EVAL_KINDS` (scenes), all by default.
     """
-    kinds = _check_kinds(kinds, SINGLE_ROUND_KINDS)
+    max_objects = _max_objects(world, max_objects)
+    if world == "scenes":
+        yield from scenes.generate_scene_eval_questions(
+            n, seed=seed, start=start, max_objects=max_objects, image_size=image_size, kinds=kinds
+        )
+        return
+    kinds = check_kinds(SINGLE_ROUND_KINDS if kinds is None else kinds, SINGLE_ROUND_KINDS)
     for index in range(start, start + n):
-        rng = _rng(seed, index)
+        rng = rng_for(seed, index)
         scene = _draw_scene(rng, max_objects, image_size)
-        kind = _pick(rng, kinds)
+        kind = pick(rng, kinds)
         question, answer = _question_and_answer(rng, scene, kind, canonical=True)
         yield {
             "question_id": record_id(index),
@@ -412,12 +338,19 @@ def generate_eval_questions(
 
 
 def write_images(
-    records: Iterable[dict], image_root: Path, *, seed: int, max_objects: int = 2, image_size: int = 32
+    records: Iterable[dict],
+    image_root: Path,
+    *,
+    seed: int,
+    max_objects: int | None = None,
+    image_size: int = 32,
+    world: str = "shapes",
 ) -> int:
     """Render the PNGs that ``records`` (train records or eval rows) refer to; returns how many were written.
 
     Existing files are kept, so an interrupted or repeated call only fills gaps.
     """
+    max_objects = _max_objects(world, max_objects)
     image_root = Path(image_root)
     written = 0
     made_dirs: set[Path] = set()
@@ -429,9 +362,9 @@ def write_images(
             path.parent.mkdir(parents=True, exist_ok=True)
             made_dirs.add(path.parent)
         index = index_from_id(record.get("id") or record["question_id"])
-        image = render_scene(make_scene(seed, index, max_objects=max_objects, image_size=image_size))
+        scene = make_scene(seed, index, max_objects=max_objects, image_size=image_size, world=world)
         temporary = path.with_name(path.name + ".tmp")
-        image.save(temporary, format="PNG")
+        render_scene(scene).save(temporary, format="PNG")
         temporary.replace(path)  # atomic: parallel writers never leave half a PNG
         written += 1
     return written
@@ -452,32 +385,35 @@ def write_synthetic_dataset(
     train_rows: int,
     eval_rows: int,
     seed: int,
-    max_objects: int = 2,
+    max_objects: int | None = None,
     image_size: int = 32,
-    kinds: Sequence[str] = ALL_KINDS,
+    kinds: Sequence[str] | None = None,
+    world: str = "shapes",
+    mix: Mapping[str, float] | None = None,
+    long_answer_share: float | None = None,
 ) -> SyntheticDataset:
     """Write train.jsonl, eval.jsonl and every image they refer to under ``out_dir/images``.
 
-    Train rows are indices 0..train_rows-1, eval rows start at EVAL_START.
+    Train rows are indices 0..train_rows-1, eval rows start at EVAL_START. The shapes world's eval
+    questions are of the training kinds; the scenes world's are always its whole EVAL_KINDS suite.
     """
     if train_rows > EVAL_START:
         raise ValueError(f"train_rows must be at most {EVAL_START} to stay disjoint from eval rows")
+    max_objects = _max_objects(world, max_objects)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_file, eval_file = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    train = _write_jsonl(
-        train_file,
-        generate_records(train_rows, seed=seed, max_objects=max_objects, image_size=image_size, kinds=kinds),
-    )
-    eval_kinds = tuple(k for k in kinds if k in SINGLE_ROUND_KINDS) or SINGLE_ROUND_KINDS
+    geometry = dict(seed=seed, max_objects=max_objects, image_size=image_size, world=world)
+    records = generate_records(train_rows, kinds=kinds, mix=mix, long_answer_share=long_answer_share, **geometry)
+    train = _write_jsonl(train_file, records)
+    eval_kinds = None
+    if world == "shapes":
+        eval_kinds = tuple(k for k in (kinds or ALL_KINDS) if k in SINGLE_ROUND_KINDS) or SINGLE_ROUND_KINDS
     questions = _write_jsonl(
-        eval_file,
-        generate_eval_questions(
-            eval_rows, seed=seed, start=EVAL_START, max_objects=max_objects, image_size=image_size, kinds=eval_kinds
-        ),
+        eval_file, generate_eval_questions(eval_rows, start=EVAL_START, kinds=eval_kinds, **geometry)
     )
     for rows in (train, questions):
-        write_images(rows, out_dir, seed=seed, max_objects=max_objects, image_size=image_size)
+        write_images(rows, out_dir, **geometry)
     return SyntheticDataset(
         train_file=train_file,
         eval_file=eval_file,
@@ -487,4 +423,28 @@ def write_synthetic_dataset(
         image_size=image_size,
         train_rows=train_rows,
         eval_rows=eval_rows,
+        world=world,
     )
+
+
+def write_from_config(out_dir: Path, synthetic) -> SyntheticDataset:
+    """`write_synthetic_dataset` with the settings of a `SyntheticConfig` (``data.synthetic``)."""
+    return write_synthetic_dataset(Path(out_dir), **dataset_options(synthetic))
+
+
+def dataset_options(synthetic) -> dict:
+    """The keyword arguments of `write_synthetic_dataset` that a `SyntheticConfig` sets."""
+    return {
+        "train_rows": synthetic.train_rows,
+        "eval_rows": synthetic.eval_rows,
+        "seed": synthetic.seed,
+        "max_objects": synthetic.max_objects,
+        "image_size": synthetic.image_size,
+        "kinds": tuple(synthetic.kinds) if synthetic.kinds else None,
+        "world": synthetic.world,
+        "mix": dict(synthetic.mix) if synthetic.mix else None,
+        "long_answer_share": synthetic.long_answer_share,
+    }
+
+
+# ---------------------------------------------------------------- token shares

@@ -5,26 +5,41 @@ micro-batches and a `report` function (Ray Train's, in a cluster); a plain
 process can run it the same way (tests, benchmarks). DeepSpeed runs the
 optimizer, on CPU with gloo or on GPU with NCCL.
 
-Loss normalization (docs/design.md): each optimizer step first gathers its
-`gradient_accumulation` micro-batches, counts the trained tokens in all of
-them and all-reduces that count over ranks, so every micro-batch's loss is
-Σ w·nll / N with the step's global N. Every ZeRO stage of DeepSpeed averages
-gradients over the data-parallel ranks (stage 0 `allreduce_bucket`, stage 1/2
-`average_tensor`, stage 3 `__avg_scatter_grads` all divide by the DP world
-size) and `backward` would divide by the accumulation steps as well, so the
-backward pass undoes both (`loss * world_size`, `scale_wrt_gas=False`): the
-step's gradient is then ∇(Σ w·nll / N) over the whole global batch, however
-it was split. tests/test_train_ray.py checks it across Ray Train layouts.
+Loss normalization (docs/design.md, `workloads/loss.py`): each optimizer step
+first builds its weight table (the masking mode with the step's scheduled λ_I and
+λ_A, `workloads/schedules.py`, and the per-segment overrides), gathers its
+`gradient_accumulation` micro-batches and sums their denominators [N, Σw, N_I,
+N_A], all-reduced over ranks in one collective. Every micro-batch's loss then
+divides each token's w·nll by the step's global denominator of its
+normalization (`masking.normalize`): `tokens` by N (the trained tokens, w > 0),
+`weight` by Σw, `per_part` by N_I for instruction-side and N_A for response-side
+tokens (λ_I·mean_I + λ_A·mean_A with uniform weights). Every ZeRO stage of
+DeepSpeed averages gradients over the data-parallel ranks (stage 0
+`allreduce_bucket`, stage 1/2 `average_tensor`, stage 3 `__avg_scatter_grads`
+all divide by the DP world size) and `backward` would divide by the
+accumulation steps as well, so the backward pass undoes both (`loss *
+world_size`, `scale_wrt_gas=False`): the step's gradient is then the gradient
+of the normalized loss over the whole global batch, however it was split.
+tests/test_train_loop.py checks it across accumulation and data-parallel
+layouts in plain processes, tests/test_train_ray.py across Ray Train layouts.
 
 Reported per step (sums over all ranks): loss, loss_instruction,
-loss_response, tokens_instruction, tokens_response, trained_tokens (N),
-trained_tokens_rank (this rank's share), grad_norm, lr, tokens, tokens_per_s,
+loss_response (mean nll per side, whatever the weights), tokens_instruction,
+tokens_response, trained_tokens (N), trained_tokens_rank (this rank's share),
+lambda_instruction and lambda_response (the step's scheduled λ), grad_norm, lr, tokens, tokens_per_s,
 samples_per_s, step_time_s, padding_share (padded positions / all positions
 of the step's micro-batches; padding_share_run since the start), tokens_per_s_run
 (throughput since the end of the first step, over wall_s_run seconds and cpu_s_run
-CPU seconds of this process), step_cpu_s and, on GPU, mfu. Step time is
-wall clock from the end of one step to the end of the next, so waiting for
-data and reporting count.
+CPU seconds of this process), step_cpu_s, skipped_rows (rows the ingest dropped for
+a bad image, when it counts them) and, on GPU, mfu and mfu_lm (the LM's FLOPs
+alone). Step time is wall clock from the end of one step to the end of the next,
+so waiting for data and reporting count.
+
+The model trains in training mode without a KV cache (`prepare_for_training`), so
+gradient checkpointing recomputes and dropout applies. Each micro-batch is padded or,
+with `train.packing`, packed (`workloads/micro_batch.py`, `workloads/packing.py`);
+its per-target nll comes from `workloads/forward.py` (`train.loss_kernel`: the
+chunked LM head by default, never the full float32 logits).
 """
 
 from __future__ import annotations
@@ -41,14 +56,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from workloads.config import ExperimentConfig, MaskingConfig, TrainConfig
-from workloads.loss import count_trained_tokens, l2t_loss
-from workloads.model import TrainingFlops, apply_freeze_policy, load_model, load_processor, mfu, torch_dtype
-from workloads.segment_codes import Segment, token_weights
+from workloads.forward import check_loss_kernel, engine_nll
+from workloads.loss import l2t_loss_from_nll, step_denominators
+from workloads.micro_batch import collate
+from workloads.model import (
+    TrainingFlops,
+    apply_freeze_policy,
+    load_model,
+    load_processor,
+    mfu,
+    prepare_for_training,
+    torch_dtype,
+)
+from workloads.schedules import masking_weight_table, scheduled_lambdas
+from workloads.segment_codes import weights_from_table
 
 MODEL_SUBDIR = "model"
 DEEPSPEED_SUBDIR = "deepspeed"
@@ -107,27 +132,6 @@ def deepspeed_config_for(
     return config
 
 
-def collate(batch: dict[str, Any], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pad one micro-batch of prepared rows (`input_ids`, `segments`, `pixel_values`) into tensors."""
-    rows_ids = [np.asarray(x) for x in batch["input_ids"]]
-    rows_segments = [np.asarray(x) for x in batch["segments"]]
-    length = max(len(x) for x in rows_ids)
-    input_ids = np.full((len(rows_ids), length), pad_token_id, dtype=np.int64)
-    segments = np.full((len(rows_ids), length), int(Segment.PAD), dtype=np.int64)
-    for i, (ids, segs) in enumerate(zip(rows_ids, rows_segments)):
-        input_ids[i, : len(ids)] = ids
-        segments[i, : len(segs)] = segs
-    out = {
-        "input_ids": torch.from_numpy(input_ids).to(device),
-        "segments": torch.from_numpy(segments).to(device),
-    }
-    out["attention_mask"] = (out["segments"] != int(Segment.PAD)).long()
-    images = [np.asarray(x, dtype=np.float32) for x in batch.get("pixel_values", []) if x is not None and len(x)]
-    if images:
-        out["pixel_values"] = torch.from_numpy(np.concatenate(images, axis=0)).to(device)
-    return out
-
-
 def _steps_of(micro_batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
     group: list[dict] = []
     for batch in micro_batches:
@@ -155,14 +159,18 @@ TALLY = (
     "samples",
     "positions",
     "images",
+    "head_tokens",
+    "skipped_rows",
 )
 
 
-def _tally(parts, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _tally(parts, batch: dict[str, Any], full_logits: bool) -> torch.Tensor:
     """One micro-batch's sums, in `TALLY` order, as one float64 tensor on the device (no host sync)."""
-    lengths = batch["attention_mask"].sum(dim=1).double()
+    lengths = batch["lengths"]
     ids, pixels = batch["input_ids"], batch.get("pixel_values")
-    shape = [ids.size(0), ids.numel(), 0 if pixels is None else pixels.size(0)]
+    head = None if full_logits else batch["scored_index"].numel()  # the LM head's positions (MFU)
+    shape = [lengths.numel(), ids.numel(), 0 if pixels is None else pixels.size(0), -1 if head is None else head]
+    shape.append(batch["skipped_rows"])
     losses = (parts.loss, parts.nll_instruction, parts.tokens_instruction, parts.nll_response, parts.tokens_response)
     return torch.cat(
         [
@@ -232,6 +240,27 @@ class Engine:
     dtype: torch.dtype
     device: torch.device
     device_name: str
+    loss_kernel: str = "chunked"
+    loss_chunk_tokens: int = 1024
+    packing: bool = False
+    packing_length: int | None = None
+    flat_packing: bool = False
+    """Packed sequences as one flat row (FlashAttention's variable-length path) instead of a 4D mask."""
+
+    @property
+    def full_logits(self) -> bool:
+        return self.loss_kernel == "full" or (self.loss_kernel == "chunked" and self.loss_chunk_tokens == 0)
+
+    def collate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return collate(
+            batch,
+            self.pad_token_id,
+            self.device,
+            packing=self.packing,
+            packing_length=self.packing_length,
+            flat=self.flat_packing,
+            mask_dtype=self.dtype,
+        )
 
 
 def build_engine(cfg: ExperimentConfig, deepspeed_config: dict[str, Any], world_size: int, total_steps: int) -> Engine:
@@ -252,6 +281,9 @@ def build_engine(cfg: ExperimentConfig, deepspeed_config: dict[str, Any], world_
         use_gpu=use_gpu,
     )
     apply_freeze_policy(model, cfg.model.freeze)
+    prepare_for_training(model)  # train(): checkpointing recomputes, dropout applies; no KV cache
+    stage = int(deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    check_loss_kernel(train.loss_kernel, model, use_gpu=use_gpu, zero_stage=stage)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     factor = lr_multiplier(train.lr_schedule, train.warmup_steps(total_steps), total_steps)
@@ -271,6 +303,11 @@ def build_engine(cfg: ExperimentConfig, deepspeed_config: dict[str, Any], world_
         dtype=dtype,
         device=device,
         device_name=torch.cuda.get_device_name() if use_gpu else "cpu",
+        loss_kernel=train.loss_kernel,
+        loss_chunk_tokens=train.loss_chunk_tokens,
+        packing=train.packing,
+        packing_length=train.packing_length,
+        flat_packing=str(model.config.get_text_config()._attn_implementation).startswith("flash"),
     )
 
 
@@ -309,7 +346,7 @@ def run_training(
     while step < total_steps:
         micro_batches = epoch_batches(epoch, steps_this_epoch * train.gradient_accumulation)
         for group in _steps_of(iter(micro_batches), train.gradient_accumulation):
-            totals = train_step(built, group, cfg.masking, world_size)
+            totals = train_step(built, group, cfg.masking, world_size, step, total_steps)
             step += 1
             steps_this_epoch += 1
             metrics = step_metrics(built, totals, step, epoch, clock, world_size, train)
@@ -323,41 +360,41 @@ def run_training(
     return metrics
 
 
-def train_step(built: Engine, group: list[dict], masking: MaskingConfig, world_size: int) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; the step's sums over all ranks (`TALLY` keys and more)."""
+def train_step(
+    built: Engine, group: list[dict], masking: MaskingConfig, world_size: int, step: int = 0, total_steps: int = 1
+) -> dict[str, float]:
+    """Optimizer step `step` (0-based) of `total_steps` over this rank's micro-batches; sums over all ranks."""
     engine = built.engine
-    # 1. batch: this rank's micro-batches of the step; N = trained tokens of the whole global batch
-    batches = [collate(b, built.pad_token_id, built.device) for b in group]
-    weights = [
-        token_weights(b["segments"], masking.mode, masking.lambda_instruction, masking.lambda_response) for b in batches
-    ]
-    trained_here = sum(count_trained_tokens(w) for w in weights).double()
-    trained_tokens = _all_reduce_sum(trained_here.clone())
+    # 1. batch: this rank's micro-batches of the step, weighted with the step's λ; the step's denominators
+    #    [N, Σw, N_I, N_A] over the whole global batch (one all-reduce)
+    table = masking_weight_table(masking, step, total_steps)
+    batches = [built.collate(b) for b in group]
+    weights = [weights_from_table(b["segments"], table) for b in batches]
+    here = torch.stack([step_denominators(b["segments"], w) for b, w in zip(batches, weights)]).sum(dim=0)
+    denominators = _all_reduce_sum(here.clone())
     plain_norm = None
     tally = []
     for batch, weight in zip(batches, weights):
-        # 2. forward
-        pixel_values = batch.get("pixel_values")
-        outputs = engine(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=None if pixel_values is None else pixel_values.to(built.dtype),
-        )
-        # 3. λ loss: Σ w·nll / N
-        parts = l2t_loss(outputs.logits, batch["input_ids"], batch["segments"], weight, trained_tokens)
+        # 2. forward: each target's nll (`train.loss_kernel`: chunked LM head, Liger, or full logits)
+        nll = engine_nll(engine, batch, built.dtype, built.loss_kernel, built.loss_chunk_tokens)
+        # 3. λ loss: Σ w·nll / d, d the step's denominator of `masking.normalize` (of the token's part for per_part)
+        parts = l2t_loss_from_nll(nll, batch["segments"], weight, denominators, masking.normalize)
         # 4. backward: undo DeepSpeed's mean over ranks; scale_wrt_gas=False keeps it from dividing by gas
         engine.backward(parts.loss * world_size, scale_wrt_gas=False)
         # 5. step: DeepSpeed reduces gradients and updates at the accumulation boundary
         if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
             plain_norm = _grad_norm(engine)  # ZeRO-0 in fp32 clips without keeping the norm
         engine.step()
-        tally.append(_tally(parts, batch))
+        tally.append(_tally(parts, batch, built.full_logits))
     # one host sync per step
-    totals = dict(zip(TALLY, _all_reduce_sum(torch.stack(tally).sum(dim=0)).tolist()))
+    summed = _all_reduce_sum(torch.stack(tally).sum(dim=0))
+    totals = dict(
+        zip(TALLY + ("trained_tokens", "trained_tokens_rank"), torch.cat([summed, denominators[:1], here[:1]]).tolist())
+    )
     grad_norm = engine.get_global_grad_norm()
     totals["grad_norm"] = float(plain_norm if grad_norm is None else grad_norm)
-    totals["trained_tokens"] = float(trained_tokens)
-    totals["trained_tokens_rank"] = float(trained_here)
+    totals["lambda_instruction"], totals["lambda_response"] = scheduled_lambdas(masking, step, total_steps)
+    totals["reports_skipped_rows"] = any("skipped_rows" in b for b in group)
     return totals
 
 
@@ -375,13 +412,20 @@ def step_metrics(
         "tokens_response": totals["tokens_response"],
         "trained_tokens": totals["trained_tokens"],
         "trained_tokens_rank": totals["trained_tokens_rank"],
+        "lambda_instruction": totals["lambda_instruction"],
+        "lambda_response": totals["lambda_response"],
         "grad_norm": totals["grad_norm"],
         "lr": built.scheduler.get_last_lr()[0] if built.scheduler is not None else train.lr,
         **clock.lap(totals["tokens"], totals["samples"], totals["positions"]),
     }
+    if totals.get("reports_skipped_rows"):
+        metrics["skipped_rows"] = totals["skipped_rows"]
     if train.use_gpu:
-        step_flops = built.flops.step(totals["tokens"], totals["length_squared"], int(totals["images"]))
+        head = None if totals["head_tokens"] < 0 else totals["head_tokens"]
+        args = (totals["tokens"], totals["length_squared"])
+        step_flops = built.flops.step(*args, int(totals["images"]), head)
         metrics["mfu"] = mfu(step_flops, metrics["step_time_s"], world_size, built.device_name)
+        metrics["mfu_lm"] = mfu(built.flops.step(*args, 0, head), metrics["step_time_s"], world_size, built.device_name)
     return metrics
 
 

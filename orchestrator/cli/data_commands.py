@@ -21,11 +21,13 @@ def data_prepare(
     force: bool = typer.Option(False, help="Prepare again even if the output exists."),
 ) -> None:
     """Validate, quarantine, count task templates, tokenize and segment into Parquet shards."""
+    from orchestrator.cli.run_commands import checked
+
+    cfg = checked(load(config, overrides), training=False)
     from orchestrator.cluster import connect
     from orchestrator.inputs import materialize_synthetic, resolve_model
     from orchestrator.prepare import PrepareError, prepare
 
-    cfg = load(config, overrides)
     connect()
     cfg = materialize_synthetic(cfg)
     try:
@@ -60,6 +62,13 @@ def _print_manifest(manifest: dict) -> None:
     total = max(1, manifest.get("tokens_total", 0))
     for segment, count in manifest.get("tokens_by_segment", {}).items():
         table.add_row(f"  tokens: {segment}", f"{count} ({count / total:.1%})")
+    from workloads.segment_codes import token_shares
+
+    for mode, share in token_shares(manifest.get("tokens_by_segment", {})).items():
+        table.add_row(
+            f"  trained by {mode}",
+            f"{share['trained']} ({share['instruction']:.1%} instruction, {share['response']:.1%} response)",
+        )
     console.print(table)
 
 
@@ -83,15 +92,19 @@ def data_inspect(
     fmt: Annotated[str, typer.Option("--format", help="text, html or json")] = "text",
     overrides: Overrides = None,
 ) -> None:
-    """Show each token with its segment and weight (terminal colors, standalone HTML, or JSON)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Show each token with its segment and weight (terminal colors, standalone HTML, or JSON).
+
+    Rows are encoded as training encodes them: the prepared data's spec and task templates when the
+    config's data is prepared, else the configured template file, else statistics over `data.sources`.
+    """
+    from transformers import AutoTokenizer
 
     from orchestrator.inputs import materialize_synthetic, resolve_model
+    from orchestrator.inspection import training_encode_spec
     from workloads.conversations import ConversationError, parse_record
-    from workloads.mask_inspect import inspect_rows, to_html, to_json, to_rich_text
-    from workloads.model import num_image_tokens
+    from workloads.mask_inspect import inspect_rows, to_html, to_json, to_plain_text, to_rich_text
     from workloads.segment_codes import MASKING_MODES
-    from workloads.segments import EncodeSpec, encode_conversations
+    from workloads.segments import encode_conversations
 
     cfg = load(config, overrides)
     mode = mode or cfg.masking.mode
@@ -99,51 +112,36 @@ def data_inspect(
         fail(f"--mode must be one of {MASKING_MODES}")
     if fmt not in ("text", "html", "json"):
         fail("--format must be text, html or json")
-    if cfg.model.name_or_path == "tiny":
-        cfg = materialize_synthetic(cfg)  # the tiny preset's tokenizer is trained on the training data
+    cfg = materialize_synthetic(cfg)  # the tiny preset's tokenizer (and the statistics) need the training data
     model_dir = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec, origin = training_encode_spec(cfg, model_dir)
+    err.print(f"task templates: {len(spec.task_templates)} from {origin}", highlight=False)
     conversations = []
     text = file.read_text(encoding="utf-8")
     records = (
         json.loads(text) if file.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
     )
     for number, record in enumerate(records, start=1):
+        if len(conversations) == limit:
+            break
         try:
             conversations.append(parse_record(record, cfg.data.format, default_id=f"{file.name}:{number}"))
         except ConversationError as error:
-            if number <= limit:
-                err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
-    templates = _task_templates_for(cfg, conversations)
-    conversations = conversations[:limit]
-    spec = EncodeSpec(
-        template=cfg.data.chat_template,
-        num_image_tokens=num_image_tokens(AutoConfig.from_pretrained(model_dir)),
-        max_length=cfg.data.max_length,
-        task_templates=templates,
-        system_prompt=cfg.data.system_prompt,
-    )
+            err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
     encoded = []
     for conversation, row in zip(conversations, encode_conversations(conversations, tokenizer, spec)):
         if isinstance(row, ConversationError):
             err.print(f"[yellow]skipped[/yellow] {row} ({row.reason})")
         else:
             encoded.append((conversation.id, row))
-    rows = inspect_rows(encoded, tokenizer, mode, cfg.masking.lambda_instruction, cfg.masking.lambda_response)
+    m = cfg.masking
+    rows = inspect_rows(encoded, tokenizer, mode, m.lambda_instruction, m.lambda_response, m.weights.model_dump())
     if fmt == "json":
         print(to_json(rows))
     elif fmt == "html":
         print(to_html(rows))
-    else:
+    elif console.is_terminal:  # FORCE_COLOR keeps the colors in a pipe
         console.print(to_rich_text(rows))
-
-
-def _task_templates_for(cfg, conversations) -> tuple[str, ...]:
-    """The configured task-template list, else one selected from the inspected rows themselves."""
-    from workloads.task_templates import TaskTemplateList, count_sentences, select_task_templates
-
-    selection = cfg.masking.task_templates
-    if selection.file:
-        return TaskTemplateList.load(selection.file).sentences()
-    counts, turns = count_sentences(conversations)
-    return select_task_templates(counts, turns, top_k=selection.top_k, min_share=selection.min_share).sentences()
+    else:
+        print(to_plain_text(rows), end="")

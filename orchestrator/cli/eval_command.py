@@ -56,12 +56,41 @@ SyntheticRows = Annotated[
     Optional[int],
     typer.Option(help="Questions in the synthetic suite (default: data.synthetic.eval_rows, else 200)."),
 ]
+LmmsTasks = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--lmms-eval",
+        help="lmms-eval tasks to run on the model too (TASK[,TASK], repeatable; needs pip install '.[lmms]'): "
+        "one Ray task each, results in <output>/lmms_eval/<task>/ and an MLflow run.",
+    ),
+]
+LmmsIncludePath = Annotated[
+    Optional[str], typer.Option(help="A folder of extra lmms-eval task YAMLs (local tasks with local data).")
+]
+LmmsLimit = Annotated[Optional[int], typer.Option(help="At most this many documents per lmms-eval task.")]
+AnswerRule = Annotated[
+    Optional[str],
+    typer.Option(help="Short-answer scoring: vqa, gqa, exact, or auto (the suite's published rule; default)."),
+]
+ChoiceParser = Annotated[
+    Optional[str],
+    typer.Option(help="Multiple-choice parsing: llava (LLaVA's letter parser), lenient, or auto (default)."),
+]
+Track = Annotated[
+    Optional[bool],
+    typer.Option("--track/--no-track", help="Log the results to an MLflow run (default: when lmms-eval ran)."),
+]
 EvalOverrides = Annotated[
     Optional[list[str]],
     typer.Argument(help="Dotted overrides of --config, e.g. eval.null_image=blank", show_default=False),
 ]
 
-FLAG_NAMES = {"use_gpu": "--gpu/--cpu"}
+FLAG_NAMES = {
+    "use_gpu": "--gpu/--cpu",
+    "lmms_eval_tasks": "--lmms-eval",
+    "lmms_eval_include_path": "--lmms-include-path",
+    "lmms_eval_limit": "--lmms-limit",
+}
 """Eval settings whose flag is not `--` + the field name with dashes."""
 
 
@@ -83,20 +112,34 @@ def eval_command(
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per actor.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the noise images.")] = None,
     synthetic_rows: SyntheticRows = None,
+    lmms_eval: LmmsTasks = None,
+    lmms_include_path: LmmsIncludePath = None,
+    lmms_limit: LmmsLimit = None,
+    answer_rule: AnswerRule = None,
+    choice_parser: ChoiceParser = None,
+    track: Track = None,
     overrides: EvalOverrides = None,
 ) -> None:
-    """Evaluate a trained model: batch inference on Ray Data, accuracy, VC, POPE, CIDEr/BLEU-4, CHAIR."""
+    """Evaluate a trained model: batch inference on Ray Data, accuracy, VC, POPE, CIDEr/BLEU-4, CHAIR; and
+    lmms-eval's tasks with `--lmms-eval`."""
+    from orchestrator.experiment import model_experiment
+    from orchestrator.lmms_eval import LmmsEvalUnavailable, parse_tasks
     from workloads.eval_questions import QuestionError
 
     flags = {"null_image": null_image, "max_new_tokens": max_new_tokens, "num_beams": num_beams}
     flags |= {"batch_size": batch_size, "concurrency": concurrency, "use_gpu": gpu, "seed": seed}
+    flags |= {"answer_rule": answer_rule, "choice_parser": choice_parser}
+    flags |= {"lmms_eval_tasks": parse_tasks(lmms_eval) or None, "lmms_eval_include_path": lmms_include_path}
+    flags |= {"lmms_eval_limit": lmms_limit}
     try:
-        cfg = experiment_config(config, overrides)
+        cfg = experiment_config(config, overrides) or model_experiment(model_dir)
+        options = resolve_options(cfg, **flags)
+        trained_on = cfg.data.eval_file if cfg is not None and cfg.data.eval_file else "synthetic"
         results = run_eval(
             model_dir,
-            suite or ["synthetic"],
+            suite or ([] if options.lmms_eval_tasks else [trained_on]),
             str(output),
-            options=resolve_options(cfg, **flags),
+            options=options,
             image_root=image_root,
             max_rows=max_rows,
             kind=kind,
@@ -104,8 +147,9 @@ def eval_command(
             config=cfg,
             chat_template=chat_template,
             synthetic=SyntheticSuite.from_config(cfg, synthetic_rows),
+            track=track,
         )
-    except (ConfigError, QuestionError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, QuestionError, FileNotFoundError, ValueError, LmmsEvalUnavailable) as error:
         fail(str(error))
     console.print(metrics_table(results))
     for name, result in results.items():
@@ -156,13 +200,16 @@ def metrics_table(results: dict[str, SuiteResult]):
         ("caption BLEU-4", "caption_bleu4", "{:.3f}"),
         ("CHAIR_i", "chair_i", "{:.1%}"),
         ("CHAIR_s", "chair_s", "{:.1%}"),
+        ("CHAIR_i COCO", "chair_coco_i", "{:.1%}"),
+        ("CHAIR_s COCO", "chair_coco_s", "{:.1%}"),
     )
     table = Table(title="evaluation")
     table.add_column("metric")
     for name in results:
         table.add_column(name, justify="right")
     kinds = sorted({k for r in results.values() for k in r.metrics if k.startswith("accuracy_")})
-    rows = list(shown) + [(f"  {k}", k, "{:.1%}") for k in kinds]
+    lmms = sorted({k for name, r in results.items() if name.startswith("lmms:") for k in r.metrics})
+    rows = list(shown) + [(f"  {k}", k, "{:.1%}") for k in kinds] + [(f"lmms {k}", k, "{:.4g}") for k in lmms]
     for label, key, fmt in rows:
         values = [r.metrics.get(key) for r in results.values()]
         if any(v is not None for v in values):
