@@ -364,6 +364,7 @@ def _log_trials(cfg: ExperimentConfig, state: dict, path: str, results, prepared
                 "l2t.sweep": state["name"],
                 "l2t.point": point_tag(point),
                 "l2t.seed": str(trial_cfg.train.seed),
+                "l2t.run_folder": run_name,  # runs/<this>: the Ray Train run (checkpoints, metrics.jsonl)
             },
         )
     return trials

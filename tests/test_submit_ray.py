@@ -395,7 +395,7 @@ def test_submit_and_ray_job_submit_run_sweeps_on_a_token_cluster_with_s3_storage
     assert any(k.startswith("store/prepared/") and k.endswith("manifest.json") for k in keys)
     assert f"store/sweeps/{name}/sweep.json" in objects
     for child in children:
-        run_name = child.info.run_name
+        run_name = child.data.tags["l2t.run_folder"]  # the MLflow run is named by its point
         checkpoints = {k.split("/")[3] for k in keys if k.startswith(f"store/runs/{run_name}/checkpoint_")}
         assert len(checkpoints) >= 1, f"no checkpoint of {run_name} in S3: {sorted(keys)[:40]}"
         assert f"mlflow/submit-s3/{child.info.run_id}/artifacts/config.json" in objects
