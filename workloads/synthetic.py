@@ -53,6 +53,7 @@ from workloads.synthetic_common import (  # noqa: F401 - re-exported
     layout_grid,
     pick,
     pick_weighted,
+    place_object,
     record_id,
     render_scene,
     rng_for,
@@ -138,12 +139,7 @@ def _draw_scene(rng: random.Random, max_objects: int, image_size: int) -> Scene:
     for _ in range(count):
         shape = shapes.pop(int(random_() * len(shapes)))
         color = colors.pop(int(random_() * len(colors)))
-        row, col = divmod(cells.pop(int(random_() * len(cells))), grid)
-        size = SIZES[int(random_() * 2)]
-        radius, slack = geometry[size]
-        x = int((col + 0.5) * cell + (random_() * 2 - 1) * slack)
-        y = int((row + 0.5) * cell + (random_() * 2 - 1) * slack)
-        objects.append(SceneObject(shape, color, size, x, y, radius))
+        objects.append(place_object(random_, shape, color, cells, grid, cell, geometry))
     return Scene(tuple(objects), image_size)
 
 

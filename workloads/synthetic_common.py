@@ -125,6 +125,19 @@ def size_geometry(
     return geometry
 
 
+def place_object(random_, shape: str, color: str, cells: list[int], grid: int, cell: float, geometry) -> SceneObject:
+    """Put one object in a free grid cell (taken from `cells`), with a random size and a jitter within its cell.
+
+    The draws (cell, size, x, y) come in this order from `random_`: both worlds' scenes depend on it.
+    """
+    row, col = divmod(cells.pop(int(random_() * len(cells))), grid)
+    size = SIZES[int(random_() * 2)]
+    radius, slack = geometry[size]
+    x = int((col + 0.5) * cell + (random_() * 2 - 1) * slack)
+    y = int((row + 0.5) * cell + (random_() * 2 - 1) * slack)
+    return SceneObject(shape, color, size, x, y, radius)
+
+
 def render_scene(scene: Scene) -> Image.Image:
     """Draw the scene: flat colors, no antialiasing, each object's center pixel has its color."""
     image = Image.new("RGB", (scene.image_size, scene.image_size), BACKGROUND_RGB)

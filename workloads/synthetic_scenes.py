@@ -72,15 +72,14 @@ from workloads.synthetic_common import (
     EVAL_START,
     SHAPES,
     SHORT_ANSWER_SENTENCE,
-    SIZES,
     YES_NO_SENTENCE,
     Scene,
-    SceneObject,
     check_kinds,
     image_path,
     layout_grid,
     pick,
     pick_weighted,
+    place_object,
     record_id,
     rng_for,
     size_geometry,
@@ -186,12 +185,7 @@ def draw_scene(rng: random.Random, max_objects: int, image_size: int) -> Scene:
             if (color, shape) not in pairs:
                 pairs.add((color, shape))
                 break
-        row, col = divmod(cells.pop(int(random_() * len(cells))), grid)
-        size = SIZES[int(random_() * 2)]
-        radius, slack = geometry[size]
-        x = int((col + 0.5) * cell + (random_() * 2 - 1) * slack)
-        y = int((row + 0.5) * cell + (random_() * 2 - 1) * slack)
-        objects.append(SceneObject(shape, color, size, x, y, radius))
+        objects.append(place_object(random_, shape, color, cells, grid, cell, geometry))
     return Scene(tuple(objects), image_size)
 
 
