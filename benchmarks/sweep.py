@@ -13,11 +13,15 @@ cluster (``orchestrator.cluster.connect``, as ``l2t sweep`` does):
     logging), and the best point by ``sweep.metric`` (eval/accuracy);
 (2) the same grid with ASHA (``sweep.asha.enabled=true``; grace period and
     reduction factor from ``--asha-grace-period`` / ``--asha-reduction-factor``,
-    rungs in optimizer steps; ASHA compares ``sweep.asha.metric``, a training
-    metric, at each rung):
+    rungs in optimizer steps; ASHA compares ``sweep.asha.metric`` at each rung:
+    by default ``eval/accuracy`` on ``--asha-eval-rows`` held-out questions
+    answered at the rung, ``workloads/training_eval.py``):
     ``asha_steps_saved_share`` = 1 - (training steps the ASHA trials ran) /
-    (trials x ``train.max_steps``), and ``asha_same_best``: does ASHA pick the
-    full grid's best λ point?
+    (trials x ``train.max_steps``), ``asha_same_best``: does ASHA pick the
+    full grid's best λ point?, and ``asha_best_vs_grid_best``: the grid's own
+    evaluation of ASHA's best point minus the grid's best, with a 95% paired
+    bootstrap interval over the questions (``within_grid_interval`` when it
+    includes 0).
 
 Synthetic data, the tiny model, the prepared shards and the MLflow store are
 made once, before either sweep is timed (``prepare_inputs``), and shared: both
@@ -91,21 +95,52 @@ def base_config(args, storage: Path):
 
 
 def asha_settings(args, cfg) -> dict:
-    """Grace period (optimizer steps) and reduction factor; the rungs they give (run_sweep's max_t is max_steps + 1)."""
+    """Grace period (optimizer steps), reduction factor and rung metric; the rungs they give (max_t = steps + 1)."""
+    from orchestrator.early_stopping import rung_steps
+
     max_t = cfg.train.max_steps + 1
     grace = args.asha_grace_period or max(1, cfg.train.max_steps // 6)  # 300 steps: first rung at step 50
     factor = args.asha_reduction_factor
-    rungs, t = [], grace
-    while t < max_t:
-        rungs.append(t)
-        t = int(t * factor) if float(t * factor).is_integer() else t * factor
+    mode = "min" if args.asha_metric.startswith("loss") else "max"
     return {
         "sweep.asha.enabled": True,
         "sweep.asha.grace_period": grace,
         "sweep.asha.reduction_factor": factor,
-        **({"sweep.asha.metric": args.asha_metric} if args.asha_metric else {}),
+        "sweep.asha.metric": args.asha_metric,
+        "sweep.asha.mode": mode,
+        "sweep.asha.eval_rows": args.asha_eval_rows,
         "_max_t_steps": max_t,
-        "_rungs_steps": rungs,
+        "_rungs_steps": rung_steps(grace, factor, max_t),
+    }
+
+
+def eval_samples(cfg, run_name: str) -> list[dict]:
+    from orchestrator import layout, storage
+
+    text = storage.read_text(layout.run_file(cfg.storage.path, run_name, layout.RUN_EVAL_SAMPLES))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def asha_best_within_grid_interval(cfg, grid: dict, asha_point: dict | None) -> dict:
+    """The full grid's own evaluation of ASHA's best point minus the grid's best, with a 95% paired bootstrap
+    interval over the evaluation questions: ASHA found the grid's best within its interval when it includes 0."""
+    from orchestrator.study_statistics import paired_difference
+
+    by_point = {json.dumps(r["point"], sort_keys=True): r for r in grid["trials"]}
+    found = by_point.get(json.dumps(asha_point, sort_keys=True)) if asha_point else None
+    top = by_point[json.dumps(grid["best_point"], sort_keys=True)]
+    if found is None:
+        return {"within_grid_interval": False, "reason": "ASHA completed no trial"}
+    metric = cfg.sweep.metric.split("/", 1)[1]
+    result = paired_difference(
+        {0: eval_samples(cfg, found["run_name"])}, {0: eval_samples(cfg, top["run_name"])}, metric
+    )
+    return {
+        "metric": cfg.sweep.metric,
+        "difference": round(result.difference, 4),
+        "interval_95": [round(result.low, 4), round(result.high, 4)],
+        "questions": result.questions,
+        "within_grid_interval": not result.excludes_zero,
     }
 
 
@@ -138,6 +173,7 @@ def trial_rows(cfg, result) -> list[dict]:
         out.append(
             {
                 "trial_id": trial["trial_id"],
+                "run_name": trial["run_name"],
                 "point": trial["point"],
                 "status": trial["status"],
                 "steps": last_step(run_path),
@@ -255,7 +291,10 @@ def main(argv=None) -> dict:
         help="optimizer steps before ASHA may stop a trial (default: 1/6 of the steps)",
     )
     parser.add_argument("--asha-reduction-factor", type=float, default=3.0)
-    parser.add_argument("--asha-metric", default=None, help="sweep.asha.metric (default: the config's, loss_response)")
+    parser.add_argument(
+        "--asha-metric", default="eval/accuracy", help="sweep.asha.metric: what rungs rank by (training or eval/...)"
+    )
+    parser.add_argument("--asha-eval-rows", type=int, default=64, help="sweep.asha.eval_rows: questions per rung")
     parser.add_argument("--skip-asha", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument(
@@ -372,6 +411,7 @@ def main(argv=None) -> dict:
                 "asha_best_in_grid_ties": asha["best_point"] in grid["best_tied_points"]
                 if asha["best_point"]
                 else False,
+                "asha_best_vs_grid_best": asha_best_within_grid_interval(grid_cfg, grid, asha["best_point"]),
                 "asha_wall_s": asha["wall_s"],
                 "asha_over_grid_wall": round(asha["wall_s"] / grid["wall_s"], 3),
                 "asha_steps_run": steps_run,
@@ -379,6 +419,7 @@ def main(argv=None) -> dict:
                 "asha_settings": {
                     "metric": asha_cfg.sweep.asha.metric,
                     "mode": asha_cfg.sweep.asha.mode,
+                    "eval_rows": asha_cfg.sweep.asha.eval_rows,
                     "grace_period_steps": asha_cfg.sweep.asha.grace_period,
                     "reduction_factor": asha_cfg.sweep.asha.reduction_factor,
                     "max_t_steps": settings["_max_t_steps"],
@@ -399,7 +440,8 @@ def main(argv=None) -> dict:
             f"wall {asha['wall_s']:.0f} s vs {grid['wall_s']:.0f} s ({result['asha_over_grid_wall']:.2f}x); "
             f"same best point: {result['asha_same_best']} "
             f"(grid {short(grid['best_point'] or {})} = {grid['best_metric']}, "
-            f"ASHA {short(asha['best_point'] or {})} = {asha['best_metric']})",
+            f"ASHA {short(asha['best_point'] or {})} = {asha['best_metric']}); "
+            f"ASHA's best vs the grid's best on the grid's own evaluation: {result['asha_best_vs_grid_best']}",
             flush=True,
         )
 

@@ -77,6 +77,7 @@ def run_experiment(
     track: bool = True,
     fresh: bool = False,
     wrap_report=None,
+    training_eval=None,
 ) -> ExperimentResult:
     """Prepare (or reuse `inputs`), train with Ray Train, evaluate, and (with `track`) log to MLflow.
 
@@ -86,6 +87,7 @@ def run_experiment(
     timestamps) and ends FINISHED, FAILED (an error) or KILLED (Ctrl-C, SIGTERM).
     `fresh`: start the run over even when an unfinished run of the same name and configuration could resume.
     `wrap_report`: to `run_train` (tests inject faults with it).
+    `training_eval`: to `run_train` (a held-out check at a sweep's ASHA rungs, `workloads.training_eval`).
     """
     from orchestrator.tracking import check_reachable, tracking_uri
 
@@ -99,7 +101,13 @@ def run_experiment(
     run_name = run_name or default_run_name(resolved)
     run_id = _open_run(resolved, run_name, parent_run_id) if track else None
     try:
-        options = {"callbacks": callbacks, "dataset": dataset, "fresh": fresh, "wrap_report": wrap_report}
+        options = {
+            "callbacks": callbacks,
+            "dataset": dataset,
+            "fresh": fresh,
+            "wrap_report": wrap_report,
+            "training_eval": training_eval,
+        }
         result = _train_and_evaluate(resolved, model_dir, prepared, run_name, run_id, options)
         if track:
             result.mlflow_run_id = log_experiment(result, parent_run_id=parent_run_id, run_id=run_id)

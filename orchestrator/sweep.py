@@ -31,10 +31,12 @@ from orchestrator import layout, storage
 from orchestrator.cluster import cluster_cpus
 from orchestrator.config import ConfigError, ExperimentConfig, config_from_dict, with_overrides
 from orchestrator.console import log
+from orchestrator.early_stopping import asha_scheduler, training_eval_for
 from orchestrator.experiment import prepare_inputs, run_experiment
 from orchestrator.ingest import LIGHT_TASK_CPUS
 from orchestrator.prepare import PreparedData
-from orchestrator.train import read_history, total_steps
+from orchestrator.train import read_history
+from workloads.training_eval import TrainingEval
 
 TRIAL_CPU = 0.01  # the trial function itself only waits on its Train run (0 is refused)
 SWEEP_STATE = "sweep.json"
@@ -134,7 +136,14 @@ class SweepResult:
 
 
 def _trial(
-    config: dict[str, Any], *, cfg_json: dict, model_dirs: dict, prepared_path: str, dataset, sweep_path: str
+    config: dict[str, Any],
+    *,
+    cfg_json: dict,
+    model_dirs: dict,
+    prepared_path: str,
+    dataset,
+    sweep_path: str,
+    training_eval: dict | None = None,
 ) -> None:
     """One Tune trial: `run_experiment` (a Ray Train fit reporting to Tune, then evaluation); MLflow is the driver's."""
     import ray.tune
@@ -157,6 +166,7 @@ def _trial(
         callbacks=[TuneReportCallback()],
         dataset=dataset,
         track=False,
+        training_eval=TrainingEval.from_config(training_eval),
     )
     trained = result.train
     summary = {
@@ -201,6 +211,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
     resolved = with_overrides(resolved, {"train.cpus_per_worker": worker_cpus, "train.ingest": "materialize"})
     workers = f"{resolved.train.num_workers} workers x {worker_cpus:g} CPU each"
     log(f"[sweep] {name}: {len(points)} trials, {concurrent} at a time, {workers} -> {path}")
+    rung_check = training_eval_for(resolved, prepared)  # refused before anything runs
     state = _sweep_state(resolved, name, path, points)
 
     # Images are loaded once for every trial: the materialized blocks stay in the object store.
@@ -214,6 +225,7 @@ def run_sweep(cfg: ExperimentConfig) -> SweepResult:
             prepared_path=prepared.path,
             dataset=dataset,
             sweep_path=path,
+            training_eval=rung_check.to_config() if rung_check else None,
         ),
         {"CPU": TRIAL_CPU},
     )
@@ -261,23 +273,8 @@ def _sweep_state(cfg: ExperimentConfig, name: str, path: str, points: list[dict]
 def _tuner(cfg: ExperimentConfig, name: str, trainable, points: list[dict], concurrent: int, prepared: PreparedData):
     """The Tune experiment: restored from the sweep's folder when it exists (the same command resumes)."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    asha = cfg.sweep.asha
-    scheduler = (
-        ASHAScheduler(
-            metric=asha.metric,
-            mode=asha.mode,
-            # Rungs in optimizer steps, not Tune reports: checkpoint reports and replays after a
-            # restart add reports. max_t past the last step keeps the final and eval reports alive.
-            time_attr="step",
-            grace_period=asha.grace_period,
-            reduction_factor=asha.reduction_factor,
-            max_t=total_steps(cfg, prepared) + 1,
-        )
-        if asha.enabled
-        else FIFOScheduler()
-    )
+    scheduler = asha_scheduler(cfg, prepared)
     root = layout.sweeps_dir(cfg.storage.path)
     fs, fs_root = storage.filesystem(root)
     tune_path = layout.sweep_dir(cfg.storage.path, name)

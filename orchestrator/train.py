@@ -23,6 +23,7 @@ run's weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -36,11 +37,13 @@ from typing import Any
 from orchestrator import layout, storage
 from orchestrator.cluster import cluster_cpus, cpus_per_worker
 from orchestrator.config import ExperimentConfig, resolve_repo_path, with_overrides
+from orchestrator.images import open_image
 from orchestrator.ingest import PreparedRows, dataset_name, rank_datasets, read_prepared_rows, training_dataset
 from orchestrator.prepare import PreparedData
 from orchestrator.steps import stable_hash
 from workloads.batching import LENGTH_GROUP_STEPS, BatchPlan, ordered_micro_batches
 from workloads.train_loop import MODEL_SUBDIR
+from workloads.training_eval import TrainingEval
 
 RUN_STATE_FILE = "l2t_run.json"
 ReportFn = Callable[[dict[str, float], str | None], None]
@@ -99,7 +102,13 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     if config.get("wrap_report") is not None:
         report = config["wrap_report"](report)
-    fit = dict(rows=len(plan.lengths), deepspeed_config=config["deepspeed"])
+    fit = dict(
+        rows=len(plan.lengths),
+        deepspeed_config=config["deepspeed"],
+        training_eval=TrainingEval.from_config(
+            config.get("training_eval"), functools.partial(open_image, cfg.data.image_root)
+        ),
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         run_training(cfg, epoch_batches, report, **fit)
@@ -253,6 +262,7 @@ def run_train(
     length_group_steps: int = LENGTH_GROUP_STEPS,
     live_metrics: Callable[[dict], None] | None = None,
     fresh: bool = False,
+    training_eval: TrainingEval | None = None,
 ) -> TrainResult:
     """One Ray Train fit of `cfg` on prepared data; returns the exported model and the curve.
 
@@ -261,6 +271,7 @@ def run_train(
     `wrap_report`: wraps each worker's report function (tests inject faults with it).
     `live_metrics`: called on the controller with each report's metrics row (live MLflow logging).
     `fresh`: start over even when an unfinished run of the same configuration could resume.
+    `training_eval`: a held-out check at fixed steps (a sweep's ASHA rungs), run by rank 0.
     """
     from ray.data import DataContext
 
@@ -292,6 +303,7 @@ def run_train(
         "deepspeed": deepspeed,
         "wrap_report": wrap_report,
         "resume_stream": None,
+        "training_eval": training_eval.to_config() if training_eval else None,
     }
     if dataset is None and not materialize:
         loop_config["resume_stream"] = {"prepared": prepared.path, "load": load, "chunks": rows.chunks}

@@ -118,6 +118,41 @@ def test_asha_stops_a_clearly_worse_trial(ray_cluster, mlflow_server, tmp_path):
     assert {c.data.tags["l2t.trial_status"] for c in children} == {"completed", "stopped_early"}
 
 
+def test_asha_rungs_rank_by_a_held_out_metric(ray_cluster, mlflow_server, tmp_path):
+    """`sweep.asha.metric: eval/accuracy`: each trial answers the same questions at the rung steps (2, 4), reported
+    though `log_every` is 5; ASHA's decision follows those values (the later trial is cut iff it is below the
+    earlier one at a rung)."""
+    from orchestrator import layout
+    from orchestrator.sweep import run_sweep
+    from orchestrator.train import read_history
+
+    cfg = _sweep_config(
+        tmp_path / "store",
+        mlflow_server,
+        "sweep-asha-eval",
+        search="points",
+        points=[{"train.lr": 3e-3}, {"train.lr": 1e-9}],
+        asha={"enabled": True, "metric": "eval/accuracy", "mode": "max", "grace_period": 2, "eval_rows": 8},
+    )
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"log_every": 5})})
+    result = run_sweep(cfg)
+    runs = []
+    for trial in result.trials:
+        metrics_file = Path(layout.run_dir(cfg.storage.path, trial["run_name"])) / layout.RUN_METRICS
+        history = read_history(str(metrics_file))
+        at = {int(row["step"]): row.get("eval/accuracy") for row in history}
+        assert {2, 4} <= set(at) or trial["status"] == "stopped_early", at
+        assert 0.0 <= at[2] <= 1.0, "a real value at the first rung"
+        if 5 in at:
+            assert at[5] == at[4], "reports between rungs carry the last value"
+        runs.append((metrics_file.stat().st_mtime, trial, at))
+    first, second = (r[1:] for r in sorted(runs, key=lambda r: r[0]))  # one trial at a time: the first ended first
+    (_, a), (trial_b, b) = first, second
+    cut = b[2] < a[2] or (4 in b and b[4] < a[4])
+    assert (trial_b["status"] == "stopped_early") == cut, (a, b, trial_b["status"])
+    assert first[0]["status"] == "completed"
+
+
 def test_seeds_cross_every_point_and_compare_reports_paired_intervals(ray_cluster, mlflow_server, tmp_path):
     """2 modes x 2 seeds: one child per point x seed with its seed and point tag; compare --baseline
     writes a report with a Δ interval per arm, logged to the parent run."""

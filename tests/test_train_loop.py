@@ -88,6 +88,7 @@ def _run_settings(tiny_model_dir, overrides):
 def _train(
     tiny_model_dir, rows, tmp_path, reports=None, resume_dir=None, fail_at_step=None, fail_marker=None, **overrides
 ):
+    training_eval = overrides.pop("training_eval", None)
     cfg, deepspeed_config, export_model, steps_per_epoch = _run_settings(tiny_model_dir, overrides)
     reports = [] if reports is None else reports
 
@@ -110,6 +111,7 @@ def _train(
         deepspeed_config=deepspeed_config,
         resume_dir=resume_dir,
         export_model=export_model,
+        training_eval=training_eval,
     )
     return reports
 

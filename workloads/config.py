@@ -277,7 +277,9 @@ class AshaConfig(_Strict):
     enabled: bool = False
     """Use ASHA; otherwise every trial runs to the end."""
     metric: str = "loss_response"
-    """Training metric compared across trials (`loss_response` does not scale with λ, unlike `loss`)."""
+    """What rungs compare: a training metric (`loss_response` does not scale with λ, unlike `loss`), or a
+    held-out one, `eval/<metric>` (e.g. `eval/accuracy`, `eval/vc_mean`): every trial then answers the same
+    `eval_rows` questions of `data.eval_file` at each rung (`workloads/training_eval.py`; not with ZeRO-3)."""
     mode: Literal["min", "max"] = "min"
     """Whether lower or higher `metric` is better."""
     grace_period: int = Field(20, ge=1)
@@ -285,6 +287,8 @@ class AshaConfig(_Strict):
     grace_period x reduction_factor^k steps)."""
     reduction_factor: float = Field(2.0, gt=1.0)
     """Keep 1/reduction_factor of the trials at each rung."""
+    eval_rows: int = Field(64, ge=1)
+    """Held-out questions (the first of `data.eval_file`) answered at each rung when `metric` is `eval/...`."""
 
 
 class SweepConfig(_Strict):

@@ -74,6 +74,7 @@ from workloads.model import (
 )
 from workloads.schedules import masking_weight_table, scheduled_lambdas
 from workloads.segment_codes import weights_from_table
+from workloads.training_eval import TrainingEval
 
 MODEL_SUBDIR = "model"
 DEEPSPEED_SUBDIR = "deepspeed"
@@ -320,6 +321,7 @@ def run_training(
     deepspeed_config: dict[str, Any],
     resume_dir: str | None = None,
     export_model: bool = True,
+    training_eval: TrainingEval | None = None,
 ) -> dict[str, float]:
     """Train `cfg` (model from `cfg.model.name_or_path`) on `rows` prepared rows; returns the last step's metrics.
 
@@ -328,6 +330,8 @@ def run_training(
     starts where its checkpoint stopped, so the caller need not load what it
     skips). `report(metrics, checkpoint_dir)` is called on every rank at the
     same steps; `checkpoint_dir` holds this rank's files to persist.
+    `training_eval`: a held-out check that rank 0 runs at its steps (ASHA's rungs, `workloads/training_eval.py`);
+    those steps are always reported, and every report carries its latest value.
     """
     rank, world_size = ensure_process_group(cfg.train.use_gpu)
     state = _read_state(resume_dir)
@@ -341,6 +345,7 @@ def run_training(
         built.engine.load_checkpoint(str(Path(resume_dir) / DEEPSPEED_SUBDIR), tag=f"step{step}")
 
     metrics: dict[str, float] = {}
+    held_out = training_eval.initial() if training_eval else {}
     clock = _Clock()
     epoch, steps_this_epoch = divmod(step, steps_per_epoch)
     while step < total_steps:
@@ -350,7 +355,11 @@ def run_training(
             step += 1
             steps_this_epoch += 1
             metrics = step_metrics(built, totals, step, epoch, clock, world_size, train)
-            _report_step(built.engine, train, step, total_steps, metrics, report)
+            due = training_eval is not None and training_eval.due(step)
+            if due and rank == 0:
+                held_out = training_eval(built.engine.module, cfg.model.name_or_path)
+            metrics.update(held_out)
+            _report_step(built.engine, train, step, total_steps, metrics, report, due)
             if step >= total_steps or steps_this_epoch >= steps_per_epoch:
                 break
         epoch += 1
@@ -433,8 +442,10 @@ def _mean(total: float, count: float) -> float:
     return total / count if count else math.nan
 
 
-def _report_step(engine, train: TrainConfig, step: int, total_steps: int, metrics: dict[str, float], report) -> None:
-    """Report every `log_every` steps; every `checkpoint_every` steps with a resumable checkpoint."""
+def _report_step(
+    engine, train: TrainConfig, step: int, total_steps: int, metrics: dict[str, float], report, due: bool = False
+) -> None:
+    """Report every `log_every` steps (and when `due`); every `checkpoint_every` steps with a resumable checkpoint."""
     if step >= total_steps:
         return  # the final step is reported with the export
     if train.checkpoint_every and step % train.checkpoint_every == 0:
@@ -442,7 +453,7 @@ def _report_step(engine, train: TrainConfig, step: int, total_steps: int, metric
             engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_SUBDIR), tag=f"step{step}")
             (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
             report(metrics, tmp)
-    elif step % train.log_every == 0:
+    elif due or step % train.log_every == 0:
         report(metrics, None)
 
 
