@@ -7,8 +7,7 @@ On the same rows, in one process, in batches of ``--batch-size`` rows:
 (a) floor: one batched tokenization of the already rendered texts
     (``tokenizer(texts, add_special_tokens=False)``), what any pipeline pays;
 (b) ours: ``encode_conversations`` (render, batched tokenization with
-    offsets on a helper thread overlapping the Python work, vectorized segment
-    lookup, image expansion) and the weights of every token via
+    offsets, vectorized segment lookup, image expansion) and the weights of every token via
     ``token_weights``;
 (c) LLaVA-style reference: LLaVA's ``preprocess_v1`` as written there: per
     row, tokenize the whole conversation (``tokenizer_image_token``), then
@@ -25,6 +24,14 @@ differs from the responses. Timings are wall clock, best of ``--repeats``,
 (a) and (b) interleaved; on a shared machine they move with its load, so the
 CPU-time ratio (all threads of this process) and the load average are
 reported too.
+
+Both run on one thread, as preparation's encode tasks run them (``orchestrator/encoding.py``: one
+task per CPU): the tokenizer without its thread pool (``TOKENIZERS_PARALLELISM=false`` unless set
+otherwise) and (b) without its tokenizer thread (``overlap=False``), so the ratio is the CPU cost
+of segmentation over tokenization whatever else the machine runs.
+With the Rust tokenizer's own thread pool on, (a) spreads over every idle core of the machine while
+(b) shares them with its Python work, so the ratio would measure how many cores sat idle (1.24
+at load 2.3, 1.51 on a quiet machine, for the same code) rather than the cost of segmentation.
 
 The rows are a LLaVA-665k-like mix made here (no download): VQA rounds ending
 in "Answer the question using a single word or phrase.", short captions,
@@ -44,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizer is loaded: see the docstring
 
 from workloads.chat_templates import render  # noqa: E402
 from workloads.conversations import Conversation, Turn  # noqa: E402
@@ -217,7 +225,7 @@ def floor_tokenize(texts: list[str], tokenizer, batch_size: int) -> int:
 def ours(convs: list[Conversation], tokenizer, spec: EncodeSpec, batch_size: int) -> int:
     n = 0
     for i in range(0, len(convs), batch_size):
-        rows = encode_conversations(convs[i : i + batch_size], tokenizer, spec)
+        rows = encode_conversations(convs[i : i + batch_size], tokenizer, spec, overlap=False)
         segments = np.concatenate([row.segments for row in rows])
         weights = token_weights(segments, "l2t", 1.0, 1.0)
         n += len(weights)
@@ -322,6 +330,7 @@ def main(argv=None) -> dict:
     spec = EncodeSpec(args.template, num_image_tokens=576, max_length=4096, task_templates=(VQA_SUFFIX,))
     texts = [render(c, args.template, tokenizer=tokenizer, task_templates=spec.task_templates).text for c in convs]
 
+    load_before = round(os.getloadavg()[0], 2)
     # Interleaved (a, b, a, b, ...) so that drifting load on a shared machine hits both alike.
     floor_s = ours_s = floor_cpu = ours_cpu = float("inf")
     for _ in range(args.repeats):
@@ -362,6 +371,8 @@ def main(argv=None) -> dict:
         "ratio_vs_tokenize": round(ours_s / floor_s, 3),
         "cpu_ratio_vs_tokenize": round(ours_cpu / floor_cpu, 3),
         "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_before": load_before,
+        "tokenizers_parallelism": os.environ["TOKENIZERS_PARALLELISM"],
         "speedup_vs_per_round": round(reference_s / ours_s, 2),
         "rows_per_s": round(args.rows / ours_s, 1),
         "per_round_reference_rows": len(reference_convs),

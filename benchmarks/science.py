@@ -3,13 +3,20 @@
 Run: ``python benchmarks/science.py [--seeds 3] [--steps 300] [--batch 32] [--lr 2e-3] [--arms ...]``
 
 For every seed and arm (``response`` = the VIT baseline, ``l2t_full``, ``l2t_no_system``, ``l2t`` = the
-paper's method, at λ_I = λ_A = 1, and ``l2t@0.5`` = the paper's method at λ_I = 0.5), the tiny LLaVA
+paper's method, at λ_I = λ_A = 1, ``l2t@0.5`` = the paper's method at λ_I = 0.5, and ``l2t_visual`` = the
+paper's method with each instruction token weighted by its visual relevance), the tiny LLaVA
 (CLIP-style tower, Llama-style LM, tokenizer trained on the corpus; initial weights drawn from the seed) is
 trained on the same synthetic set (the scenes world by default: multi-object scenes, a long tail of
 image-specific questions, long descriptive and reasoning answers; see workloads/synthetic_scenes.py) for
 the same number of optimizer steps, batch size, learning rate and schedule, and evaluated on the same
 held-out synthetic suite (disjoint scenes). Equal compute: the arms differ only in which tokens carry loss
 and with which weight, so every run does the same forward and backward passes.
+
+``l2t_visual``'s reference model is the ``response`` arm's trained model of the same seed (the VIT baseline,
+the issue's own example): after that arm trains, every training row's instruction tokens are scored with it
+(``workloads.visual_relevance.RelevanceScorer``, the code preparation's Ray Data actors run, V=∅ = noise as
+evaluation's), and the arm trains on the rows with their relevance (``--visual-transform``, ``--visual-temperature``,
+``--visual-floor``); the scoring's seconds and rows/s and the relevance distribution per segment are recorded.
 
 Training runs in this process with the project's own per-worker loop (``workloads.train_loop.run_training``:
 DeepSpeed ZeRO-0 on CPU, one rank) fed by micro-batches built the way the Ray Data stage builds them;
@@ -40,8 +47,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ("response", "l2t_full", "l2t_no_system", "l2t")
-ARMS = ("response", "l2t_full", "l2t_no_system", "l2t", "l2t@0.5")
+MODES = ("response", "l2t_full", "l2t_no_system", "l2t", "l2t_visual")
+ARMS = ("response", "l2t_full", "l2t_no_system", "l2t", "l2t@0.5", "l2t_visual")
 """`mode` or `mode@λ_I`: the ladder at λ_I = λ_A = 1, and the paper's method at a second λ_I."""
 INTERVAL_METRICS = ("accuracy", "vc_mean", "caption_cider", "chair_i", "pope_f1")
 
@@ -129,7 +136,14 @@ def build_inputs(args, work: Path):
             continue
         image = Image.open(data.image_root / conversation.images[0]).convert("RGB")
         pixels = processor(images=[image], return_tensors="np")["pixel_values"].astype(np.float32)
-        rows.append({"input_ids": row.input_ids, "segments": row.segments, "pixel_values": pixels})
+        rows.append(
+            {
+                "input_ids": row.input_ids,
+                "segments": row.segments,
+                "pixel_values": pixels,
+                "image": conversation.images[0],
+            }
+        )
     return data, templates, model_dirs, spec, rows
 
 
@@ -154,7 +168,33 @@ def trained_token_shares(rows: list[dict], modes) -> dict[str, dict[str, float]]
     return out
 
 
-def train_one(model_dir: Path, rows: list[dict], arm: str, seed: int, args, out: Path) -> dict:
+def visual_rows(rows: list[dict], reference: Path, image_root: Path, args) -> tuple[list[dict], dict]:
+    """The rows with each token's visual relevance under `reference` (`l2t_visual`'s), and the scoring's cost
+    and per-segment distribution."""
+    from PIL import Image
+
+    from workloads.visual_relevance import RelevanceHistogram, RelevanceScorer, RowToScore
+
+    started = time.perf_counter()
+    scorer = RelevanceScorer.from_pretrained(str(reference), null_image="noise", seed=0)
+    scored, histogram = [], RelevanceHistogram()
+    for start in range(0, len(rows), args.batch):
+        chunk = rows[start : start + args.batch]
+        batch = [
+            RowToScore(
+                str(start + i), r["input_ids"], r["segments"], [Image.open(image_root / r["image"]).convert("RGB")]
+            )
+            for i, r in enumerate(chunk)
+        ]
+        for row, relevance in zip(chunk, scorer(batch)):
+            histogram.add(row["segments"], relevance)
+            scored.append({**row, "relevance": relevance.astype(np.float32)})
+    seconds = time.perf_counter() - started
+    cost = {"relevance_s": seconds, "relevance_rows_per_s": len(rows) / seconds, "relevance": histogram.summary()}
+    return scored, cost
+
+
+def train_one(model_dir: Path, rows: list[dict], arm: str, seed: int, args, out: Path, reference=None) -> dict:
     """One run of workloads' training loop; the exported model lands in `out`."""
     from orchestrator.config import config_from_dict
     from workloads.train_loop import MODEL_SUBDIR, run_training
@@ -176,9 +216,21 @@ def train_one(model_dir: Path, rows: list[dict], arm: str, seed: int, args, out:
 
     cfg = config_from_dict(
         {
-            "data": {"sources": ["rows-in-memory.jsonl"]},  # the rows are handed over in memory
+            "data": {  # the rows are handed over in memory, l2t_visual's with their relevance under `reference`
+                "sources": ["rows-in-memory.jsonl"],
+                "relevance": {"reference_model": str(reference)} if reference else None,
+            },
             "model": {"name_or_path": str(model_dir), "freeze": "none"},
-            "masking": {"mode": parse_arm(arm)[0], "lambda_instruction": parse_arm(arm)[1], "lambda_response": 1.0},
+            "masking": {
+                "mode": parse_arm(arm)[0],
+                "lambda_instruction": parse_arm(arm)[1],
+                "lambda_response": 1.0,
+                "visual": {
+                    "transform": args.visual_transform,
+                    "temperature": args.visual_temperature,
+                    "floor": args.visual_floor,
+                },
+            },
             "train": {
                 "max_steps": args.steps,
                 "lr": args.lr,
@@ -252,9 +304,16 @@ def main() -> None:
         help="torch threads (default 1: on a busy 2-core machine 2 threads ran the tiny model up to 30x slower; "
         "0: torch's default)",
     )
+    parser.add_argument("--visual-transform", default="clip", choices=("clip", "sigmoid", "rank"))
+    parser.add_argument("--visual-temperature", type=float, default=1.0, help="l2t_visual's τ (nats)")
+    parser.add_argument("--visual-floor", type=float, default=0.0, help="l2t_visual's least instruction weight factor")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "science.json")
     args = parser.parse_args()
+    for arm in args.arms:
+        parse_arm(arm)
+    if any(parse_arm(a)[0] == "l2t_visual" for a in args.arms) and "response" not in args.arms:
+        raise SystemExit("--arms: l2t_visual scores relevance with the response arm's model; add response")
 
     import torch
 
@@ -280,9 +339,11 @@ def main() -> None:
 
     runs, samples = [], {}
     for seed in range(args.seeds):
-        for arm in args.arms:
+        for arm in sorted(args.arms, key=lambda a: a != "response"):  # response first: l2t_visual's reference
             out = work / "runs" / f"{arm}-seed{seed}"
-            trained = train_one(model_dirs[seed], rows, arm, seed, args, out)
+            reference = work / "runs" / f"response-seed{seed}" if parse_arm(arm)[0] == "l2t_visual" else None
+            arm_rows, cost = visual_rows(rows, reference, data.image_root, args) if reference else (rows, {})
+            trained = train_one(model_dirs[seed], arm_rows, arm, seed, args, out, reference)
             metrics, rows_out, eval_s = evaluate_one(out, spec, questions, image_root, args)
             samples[(arm, seed)] = rows_out
             run = {
@@ -291,6 +352,7 @@ def main() -> None:
                 "lambda_instruction": parse_arm(arm)[1],
                 "seed": seed,
                 **{k: v for k, v in trained.items() if k != "curve"},
+                **cost,
                 "eval_s": eval_s,
                 "metrics": metrics,
                 "curve": trained["curve"],
@@ -331,7 +393,13 @@ def main() -> None:
             "freeze": "none",
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "trained_tokens": trained_token_shares(rows, sorted({parse_arm(a)[0] for a in args.arms})),
+            "trained_tokens": trained_token_shares(rows, sorted({parse_arm(a)[0] for a in args.arms} - {"l2t_visual"})),
+            "visual": {
+                "reference_model": "the response arm's trained model of the same seed",
+                "transform": args.visual_transform,
+                "temperature": args.visual_temperature,
+                "floor": args.visual_floor,
+            },
         },
         "summary": summary,
         "paired_vs_response": paired,

@@ -30,6 +30,7 @@ SHARD_SCHEMA = pa.schema(
         ("images", pa.list_(pa.string())),
         ("length", pa.int32()),
         ("truncated", pa.bool_()),
+        ("image_tokens", pa.list_(pa.int32())),  # tokens of each image (workloads/families.py), in order
     ]
 )
 ENCODED_SCHEMA = pa.schema(
@@ -43,6 +44,7 @@ ENCODED_SCHEMA = pa.schema(
         ("images", pa.list_(pa.string())),
         ("length", pa.int32()),
         ("truncated", pa.bool_()),
+        ("image_tokens", pa.list_(pa.int32())),
         ("ok", pa.bool_()),
         ("reason", pa.string()),
         ("message", pa.string()),
@@ -76,19 +78,21 @@ def _list_array(arrays: list[np.ndarray], dtype) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, dtype))
 
 
-def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) -> pa.Table:
+def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any], image_root: str | None = None):
     """Ray Data stage: render, tokenize once with offsets, segment; rows that fail get a reason.
 
     Input: good rows of VALIDATED_SCHEMA. Output: ENCODED_SCHEMA, `raw` kept
-    only for failed rows.
+    only for failed rows. A model whose image-token count depends on the image's size (spec
+    `num_image_tokens` 0) has each image's header read under `image_root` (`images.image_token_counts`).
     """
     from workloads.conversations import ConversationError
     from workloads.segments import EncodeSpec
 
     conversations = conversations_of(batch)
-    results = _encode_each(conversations, _tokenizer(model_dir), EncodeSpec(**spec_kwargs))
+    results = encode_with_images(conversations, _tokenizer(model_dir), EncodeSpec(**spec_kwargs), model_dir, image_root)
     empty_ids, empty_segments = np.zeros(0, np.int32), np.zeros(0, np.int8)
     input_ids, segments, images, truncated, ok, reasons, messages = [], [], [], [], [], [], []
+    image_tokens = []
     failed = np.zeros(len(results), dtype=bool)
     for i, (conversation, result) in enumerate(zip(conversations, results)):
         if isinstance(result, ConversationError):
@@ -96,6 +100,7 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
             input_ids.append(empty_ids)
             segments.append(empty_segments)
             images.append([])
+            image_tokens.append([])
             truncated.append(False)
             ok.append(False)
             reasons.append(result.reason)
@@ -104,6 +109,7 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
             input_ids.append(result.input_ids)
             segments.append(result.segments)
             images.append(list(conversation.images[: result.images_kept]))
+            image_tokens.append(list(result.image_tokens))
             truncated.append(bool(result.truncated))
             ok.append(True)
             reasons.append("")
@@ -124,6 +130,7 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
             "images": pa.array(images, pa.list_(pa.string())),
             "length": pa.array(np.fromiter(map(len, input_ids), np.int32, count=len(input_ids))),
             "truncated": pa.array(truncated, pa.bool_()),
+            "image_tokens": pa.array(image_tokens, pa.list_(pa.int32())),
             "ok": pa.array(ok, pa.bool_()),
             "reason": pa.array(reasons, pa.string()),
             "message": pa.array(messages, pa.string()),
@@ -132,23 +139,39 @@ def encode_rows(batch: pa.Table, model_dir: str, spec_kwargs: dict[str, Any]) ->
     )
 
 
-def _encode_each(conversations: list, tokenizer, spec) -> list:
+def encode_with_images(conversations: list, tokenizer, spec, model_dir: str, image_root: str | None) -> list:
+    """`EncodedRow` or `ConversationError` per conversation, encoded as preparation encodes rows: with each
+    image's token count from its size when the model's family needs it (`images.image_token_counts`)."""
+    from orchestrator.images import image_token_counts
+
+    counts = image_token_counts(conversations, model_dir, image_root) if spec.num_image_tokens == 0 else None
+    return _encode_each(conversations, tokenizer, spec, counts)
+
+
+def _encode_each(conversations: list, tokenizer, spec, counts: list | None = None) -> list:
     """`encode_conversations`, and row by row when the block fails: a row that breaks the template, the
-    tokenizer or the segmenter becomes its own `ConversationError` ("encode_failed"), never a failed stage."""
+    tokenizer or the segmenter becomes its own `ConversationError` ("encode_failed"), never a failed stage.
+    `counts`: per row its images' token counts, or the error that reading them gave (which the row gets)."""
     from workloads.conversations import ConversationError
     from workloads.segments import encode_conversations
 
+    unreadable = {i: c for i, c in enumerate(counts or ()) if isinstance(c, ConversationError)}
+    image_tokens = None if counts is None else [None if i in unreadable else c for i, c in enumerate(counts)]
     try:
-        return encode_conversations(conversations, tokenizer, spec)
+        # one thread: a preparation task holds one CPU of a cluster whose other CPUs run tasks too
+        results = encode_conversations(conversations, tokenizer, spec, image_tokens=image_tokens, overlap=False)
     except Exception:  # noqa: BLE001 - find the row(s) that did it
         results = []
-        for conversation in conversations:
+        for i, conversation in enumerate(conversations):
             try:
-                results.extend(encode_conversations([conversation], tokenizer, spec))
+                row_tokens = None if image_tokens is None else [image_tokens[i]]
+                results.extend(encode_conversations([conversation], tokenizer, spec, image_tokens=row_tokens))
             except Exception as error:  # noqa: BLE001
                 message = f"row {conversation.id!r}: can't be encoded: {type(error).__name__}: {error}"
                 results.append(ConversationError("encode_failed", message))
-        return results
+    for i, error in unreadable.items():
+        results[i] = error
+    return results
 
 
 def _encoding_summary(batch: pa.Table) -> pa.Table:

@@ -73,10 +73,11 @@ def encode_spec_kwargs(
     always comes from the model's config (a prepared folder that disagrees is refused)."""
     from transformers import AutoConfig
 
-    from workloads.model import num_image_tokens
+    from workloads.families import image_settings
     from workloads.task_templates import TaskTemplateList
 
-    image_tokens = num_image_tokens(AutoConfig.from_pretrained(model_dir))
+    image = image_settings(AutoConfig.from_pretrained(model_dir))  # the family's image token and count (0: per image)
+    image_tokens = image["num_image_tokens"]
     manifest: dict[str, Any] = {}
     if prepared:
         from orchestrator.prepare import PreparedData
@@ -100,6 +101,7 @@ def encode_spec_kwargs(
     return {
         "template": chat_template or manifest.get("chat_template") or "vicuna_v1",
         "num_image_tokens": image_tokens,
+        "image_token": image["image_token"],
         "max_length": int(max_length or manifest.get("max_length") or 2048),
         "task_templates": tuple(task_templates or ()),
         "system_prompt": system_prompt,

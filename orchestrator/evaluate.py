@@ -306,6 +306,7 @@ def run_eval(
     `output/metrics.json` holds all of them. With `track` (default: when lmms-eval tasks ran) the
     results are logged to an MLflow run (`orchestrator.eval_tracking`)."""
     from orchestrator.cluster import connect
+    from workloads.lora import adapter_base
 
     options = options or standalone_options()
     if options.lmms_eval_tasks:
@@ -315,7 +316,7 @@ def run_eval(
     connect()
     suites = [suites] if isinstance(suites, str) else list(suites)
     spec_kwargs = encode_spec_kwargs(
-        model_dir,
+        adapter_base(model_dir) or model_dir,  # a LoRA adapter folder: its base's config (image tokens)
         chat_template=chat_template,
         system_prompt=system_prompt,
         max_length=max_length,

@@ -2,7 +2,9 @@
 
 Every stage that touches an image file goes through here: validation checks
 that a row's images are usable (`ImageChecker`), training opens them confined
-(`open_confined_image`), evaluation opens them (`open_image`). One place
+(`open_confined_image`), evaluation opens them (`open_image`), preparation
+reads the sizes that a model family's image-token counts depend on
+(`image_token_counts`: headers only, no pixel decoded). One place
 decides how a path under a local folder or an s3:// prefix becomes a file,
 and which paths are refused: a path in a data file is untrusted input, so one
 that is absolute, a URL, holds a control character (a NUL byte), or climbs
@@ -237,3 +239,40 @@ def check_image(
 ) -> tuple[str, str] | None:
     """(reason, message) when one image can't be used: outside the root, missing, corrupt."""
     return ImageChecker(image_root, check_images, filesystem).check(image)
+
+
+def image_size(image_root: str | None, path: str, *, filesystem=None) -> tuple[int, int]:
+    """(width, height) of an image from its header alone (PIL reads no pixels for `.size`), confined as
+    `open_confined_image` confines; raises `ImagePathError` or the reader's error."""
+    from PIL import Image
+
+    location = confined_path(image_root, path) if image_root else relative_image_path(path)
+    with open_image_file(location, filesystem) as handle, Image.open(handle) as image:
+        return image.size
+
+
+def image_token_counts(conversations, model_dir: str, image_root: str | None) -> list | None:
+    """Per conversation, the image-token count of each of its images (`workloads.families`) from the images'
+    sizes, or the row's `ConversationError` when an image can't be read; None for a family whose count is
+    fixed (nothing is opened then)."""
+    from workloads.conversations import ConversationError
+    from workloads.families import counter_for
+
+    counter = counter_for(model_dir)
+    if counter.family.fixed_image_tokens:
+        return None
+    filesystem = storage.filesystem(image_root)[0] if image_root and storage.is_s3(image_root) else None
+    sizes: dict[str, tuple[int, int]] = {}
+    out: list = []
+    for conversation in conversations:
+        try:
+            for path in conversation.images:
+                if path not in sizes:
+                    sizes[path] = image_size(image_root, path, filesystem=filesystem)
+            out.append(counter.counts([sizes[path] for path in conversation.images]))
+        except ImagePathError as error:
+            out.append(ConversationError(error.reason, f"row {conversation.id!r}: {error}"))
+        except Exception as error:  # noqa: BLE001 - missing or unreadable: the row says why
+            message = f"row {conversation.id!r}: image size unreadable: {type(error).__name__}: {error}"
+            out.append(ConversationError("corrupt_image", message))
+    return out

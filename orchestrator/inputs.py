@@ -103,7 +103,7 @@ def resolve_model(cfg: ExperimentConfig) -> str:
     )
 
     def build(folder: str) -> None:
-        log(f"[model] building the tiny LLaVA preset -> {folder}")
+        log(f"[model] building the tiny {cfg.model.tiny.family} preset -> {folder}")
         corpus = tokenizer_corpus([f for f in files if not storage.is_s3(f)], cfg.data.chat_template)
         build_tiny_model(Path(folder), corpus, cfg.model.tiny, seed=cfg.train.seed)
 

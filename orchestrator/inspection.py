@@ -22,7 +22,7 @@ def training_encode_spec(cfg: ExperimentConfig, model_dir: str):
     """(EncodeSpec, origin): how training encodes rows of `cfg` with the tokenizer of `model_dir`."""
     from transformers import AutoConfig
 
-    from workloads.model import num_image_tokens
+    from workloads.families import image_settings
     from workloads.segments import EncodeSpec
     from workloads.task_templates import TaskTemplateList
 
@@ -41,7 +41,7 @@ def training_encode_spec(cfg: ExperimentConfig, model_dir: str):
         origin = f"sentence statistics over {turns:,} user turns of data.sources"
     spec = EncodeSpec(
         template=cfg.data.chat_template,
-        num_image_tokens=num_image_tokens(AutoConfig.from_pretrained(model_dir)),
+        **image_settings(AutoConfig.from_pretrained(model_dir)),  # the family's image token and count
         max_length=cfg.data.max_length,
         task_templates=templates,
         system_prompt=cfg.data.system_prompt,

@@ -56,6 +56,7 @@ from orchestrator.config import ExperimentConfig
 from orchestrator.console import Progress, log
 from orchestrator.encoding import ENCODED_SCHEMA, SHARD_SCHEMA, _encoding_summary, encode_rows, encoding_totals
 from orchestrator.readers import PrepareError, list_source_files, read_records, rows_per_block
+from orchestrator.relevance import RELEVANCE_COLUMN, relevance_inputs, score_relevance
 from orchestrator.steps import stable_hash
 from orchestrator.template_stats import task_template_stats
 from orchestrator.validation import (
@@ -141,6 +142,7 @@ def preparation_inputs(cfg: ExperimentConfig, files: list[str], model_dir: str) 
     data = cfg.data.model_dump(mode="json")
     for key in ("sources", "synthetic", "eval_file", "max_bad_fraction"):
         data.pop(key)
+    data["relevance"] = relevance_inputs(cfg)  # the reference model's identity and V=∅, not the actor pool
     template_file = None
     if cfg.masking.task_templates.file:
         template_file = hashlib.sha256(storage.read_text(cfg.masking.task_templates.file).encode()).hexdigest()
@@ -254,6 +256,7 @@ class _Encoded:
     reasons: Counter
     rows_written: int
     spec_kwargs: dict[str, Any]
+    relevance: dict[str, Any] | None = None  # the relevance stage's manifest entry (`orchestrator.relevance`)
 
 
 def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> dict[str, Any]:
@@ -265,10 +268,10 @@ def _prepare(cfg, model_dir, files, inputs, key, out, data_cpus, progress) -> di
     run = _Run(cfg, model_dir, files, key, inputs, out, cpus, task_cpus, rows_per_block(files, cpus), progress)
     validated = _duplicate_ids(run, _read_and_validate(run))
     templates = _task_templates(run, validated)
-    encoded = _encode(run, validated, templates)
+    encoded = score_relevance(run, _encode(run, validated, templates))  # with data.relevance only
     _write(run, validated, encoded, templates)
     run.timings["total_s"] = time.perf_counter() - started
-    return _manifest(run, validated, encoded, templates)
+    return {**_manifest(run, validated, encoded, templates), "relevance": encoded.relevance}
 
 
 def _read_and_validate(run: _Run) -> _Validated:
@@ -345,7 +348,7 @@ def _encode(run: _Run, validated: _Validated, templates: TaskTemplateList) -> _E
     from ray.data.expressions import col
     from transformers import AutoConfig
 
-    from workloads.model import num_image_tokens
+    from workloads.families import image_settings
 
     data = run.cfg.data
     stage = time.perf_counter()
@@ -355,15 +358,15 @@ def _encode(run: _Run, validated: _Validated, templates: TaskTemplateList) -> _E
     )
     spec_kwargs = {
         "template": data.chat_template,
-        "num_image_tokens": num_image_tokens(AutoConfig.from_pretrained(run.model_dir)),
+        **image_settings(AutoConfig.from_pretrained(run.model_dir)),  # the family's image token and count
         "max_length": data.max_length,
         "task_templates": templates.sentences(),
         "system_prompt": data.system_prompt,
         "image_placement": data.image_placement,
     }
-    good = validated.ds.filter(expr=col("ok"))
+    encode_kwargs = {"model_dir": run.model_dir, "spec_kwargs": spec_kwargs, "image_root": data.image_root}
     ds = _materialize(
-        run.map(good, encode_rows, {"model_dir": run.model_dir, "spec_kwargs": spec_kwargs}),
+        run.map(validated.ds.filter(expr=col("ok")), encode_rows, encode_kwargs),
         "tokenize and segment",
         run.progress,
         ENCODED_SCHEMA,
@@ -386,7 +389,8 @@ def _write(run: _Run, validated: _Validated, encoded: _Encoded, templates: TaskT
 
     stage = time.perf_counter()
     fs, _ = storage.filesystem(run.out)
-    encoded.ds.filter(expr=col("ok")).select_columns(SHARD_SCHEMA.names).write_parquet(
+    columns = SHARD_SCHEMA.names + ([RELEVANCE_COLUMN] if encoded.relevance else [])
+    encoded.ds.filter(expr=col("ok")).select_columns(columns).write_parquet(
         storage.filesystem(storage.join(run.out, "shards"))[1], filesystem=fs
     )
     rows_bad = sum(validated.reasons.values()) + sum(encoded.reasons.values())

@@ -42,6 +42,7 @@ from orchestrator.ingest import PreparedRows, dataset_name, rank_datasets, read_
 from orchestrator.prepare import PreparedData
 from orchestrator.steps import stable_hash
 from workloads.batching import LENGTH_GROUP_STEPS, BatchPlan, ordered_micro_batches
+from workloads.lora import check_lora_launch
 from workloads.train_loop import MODEL_SUBDIR
 from workloads.training_eval import TrainingEval
 
@@ -278,6 +279,8 @@ def run_train(
     DataContext.get_current().execution_options.preserve_order = True
     cfg = with_overrides(cfg, {"model.name_or_path": model_dir})
     deepspeed = load_deepspeed_config(cfg.train.deepspeed)
+    zero_stage = int(deepspeed.get("zero_optimization", {}).get("stage", 0))
+    check_lora_launch(cfg.model, model_dir, zero_stage, use_gpu=cfg.train.use_gpu)  # before any worker starts
     rows = read_prepared_rows(prepared)
     plan, data = _data_plan(cfg, rows, run_name, length_group_steps)
     total_steps = cfg.train.total_steps(len(rows.lengths))

@@ -63,9 +63,7 @@ def test_rung_evaluation_inside_the_training_loop(synthetic_data, tiny_model_dir
     from workloads.train_loop import MODEL_SUBDIR
 
     check = TrainingEval.from_config(_check(synthetic_data, tiny_model_dir, [2, 3]).to_config())
-    reports = _train(
-        tiny_model_dir, micro_rows, tmp_path, [], total_steps=3, log_every=5, lr=3e-3, training_eval=check
-    )
+    reports = _train(tiny_model_dir, micro_rows, tmp_path, [], total_steps=3, log_every=5, lr=3e-3, training_eval=check)
     assert [int(m["step"]) for m, _ in reports] == [2, 3], "the rung step 2 is reported though log_every is 5"
     values = [m["eval/accuracy"] for m, _ in reports]
     assert all(0.0 <= v <= 1.0 for v in values)

@@ -142,6 +142,7 @@ def test_the_ladder_tables():
         "l2t_full": (li, li, li, li, la, la),
         "l2t_no_system": (0, 0, li, li, la, la),
         "l2t": (0, 0, li, 0, la, la),
+        "l2t_visual": (0, 0, li, 0, la, la),  # each instruction weight then × g(relevance) (test_visual_relevance)
     }
     assert tuple(expected) == MASKING_MODES
     for mode, row in expected.items():

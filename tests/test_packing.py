@@ -178,5 +178,7 @@ def test_packed_training_takes_the_padded_steps(micro_rows, tiny_model_dir, tmp_
         assert a["trained_tokens"] == b["trained_tokens"] and a["tokens"] == b["tokens"]
     ours = AutoModelForImageTextToText.from_pretrained(packed[-1][1] / MODEL_SUBDIR).state_dict()
     reference = AutoModelForImageTextToText.from_pretrained(padded[-1][1] / MODEL_SUBDIR).state_dict()
+    # 3 Adam steps of lr 1e-3 move a weight by up to 3e-3; packing sums in another float order, and Adam's
+    # normalized update turns that noise in near-zero gradients into weight differences of ~1e-5
     for name, value in reference.items():
-        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=5e-5, msg=name)

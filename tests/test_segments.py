@@ -424,7 +424,7 @@ def test_image_token_must_be_special(tokenizers):
 
 def test_spec_validation():
     with pytest.raises(ValueError):
-        EncodeSpec("qwen2", 0, 128)
+        EncodeSpec("qwen2", -1, 128)  # 0 is "per image" (workloads/families.py)
     with pytest.raises(ValueError):
         EncodeSpec("qwen2", 4, 0)
     assert EncodeSpec("qwen2", 4, 128, task_templates=["a"]).task_templates == ("a",)

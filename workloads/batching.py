@@ -100,6 +100,9 @@ class BatchPlan:
 
 ROW_KEYS = ("input_ids", "segments", "pixel_values")
 """What a micro-batch holds per row (lists, in plan order)."""
+OPTIONAL_ROW_KEYS = ("relevance", "image_sizes", "image_grid_thw")
+"""Per-row columns a micro-batch carries too when the rows have them (`relevance`: `l2t_visual`'s; the image
+grids of the families that take them, workloads/families.py: LLaVA-NeXT's `image_sizes`, Qwen2-VL's)."""
 BAD_ROWS_GRACE = 200
 """Rows seen before the bad share is judged on the rows seen alone (the first bad row is no 100% share)."""
 
@@ -149,6 +152,7 @@ def _placeholder(row: dict) -> dict:
         "input_ids": text.astype(np.int32),
         "segments": np.full(2, int(Segment.IMAGE), dtype=np.int8),
         "pixel_values": np.zeros((0,), np.float32),
+        **{key: np.zeros(2, np.float32) for key in OPTIONAL_ROW_KEYS if key in row},
     }
 
 
@@ -182,8 +186,9 @@ def ordered_micro_batches(
     position = 0
     for batch in batches:
         problems = batch.get("problem")
+        keys = ROW_KEYS + tuple(k for k in OPTIONAL_ROW_KEYS if k in batch)
         for i, row in enumerate(batch["row"]):
-            entry = {k: batch[k][i] for k in ROW_KEYS}
+            entry = {k: batch[k][i] for k in keys}
             entry["row"], entry["problem"] = int(row), str(problems[i]) if problems is not None else ""
             pending[int(row)] = entry
         while position + micro_batch_size <= len(order) and all(
@@ -192,7 +197,8 @@ def ordered_micro_batches(
             chosen = [pending.pop(int(r)) for r in order[position : position + micro_batch_size]]
             good = bad_rows.count(chosen)
             skipped = len(chosen) - len(good)
-            micro_batch: dict[str, Any] = {k: [row[k] for row in good or [_placeholder(chosen[0])]] for k in ROW_KEYS}
+            keys = ROW_KEYS + tuple(k for k in OPTIONAL_ROW_KEYS if k in chosen[0])
+            micro_batch: dict[str, Any] = {k: [row[k] for row in good or [_placeholder(chosen[0])]] for k in keys}
             micro_batch["skipped_rows"] = skipped
             yield micro_batch
             position += micro_batch_size

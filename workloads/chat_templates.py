@@ -31,6 +31,9 @@ default) is ``front`` for the LLaVA-family templates (vicuna_v1, phi, plain).
 `render_prompt_spans` renders the generation prompt (user turn, then the
 assistant prefix) that evaluation answers, with the same placement.
 
+An image token with a wrap (`families.IMAGE_WRAPS`: Qwen2-VL's ``<|vision_start|>``
+and ``<|vision_end|>`` around ``<|image_pad|>``) is written between the two (ROLE).
+
 BOS/EOS strings come from the tokenizer when one is given (vicuna_v1, phi,
 plain), else the literals ``<s>`` / ``</s>``. ``llama3`` and ``qwen2`` use their
 own literal markers. The system prompt is the data's (`Conversation.system`)
@@ -55,6 +58,7 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 
 from workloads.conversations import IMAGE_PLACEHOLDER, USER, Conversation, ConversationError, Turn
+from workloads.families import IMAGE_WRAPS
 from workloads.segment_codes import Segment
 from workloads.task_templates import normalize_sentence, sentence_spans, split_sentences
 
@@ -115,6 +119,7 @@ class RenderContext:
     bos: str = "<s>"
     eos: str = "</s>"
     image_placement: str = "auto"
+    image_wrap: tuple[str, str] = ("", "")  # text before and after each image token (ROLE)
 
     def __post_init__(self):
         object.__setattr__(self, "image_placement", resolve_image_placement(self.template, self.image_placement))
@@ -134,7 +139,8 @@ class RenderContext:
         bos = getattr(tokenizer, "bos_token", None) or "<s>"
         eos = getattr(tokenizer, "eos_token", None) or "</s>"
         task_set = task_template_set(task_templates)
-        return cls(template, tokenizer, task_set, image_token, system_prompt, bos, eos, image_placement)
+        wrap = IMAGE_WRAPS.get(image_token, ("", ""))
+        return cls(template, tokenizer, task_set, image_token, system_prompt, bos, eos, image_placement, wrap)
 
 
 def resolve_image_placement(template: str, placement: str) -> str:
@@ -290,7 +296,7 @@ def _render(conv: Conversation, context: RenderContext, generation: bool) -> tup
         for turn in conv.turns:
             if turn.role == USER:
                 for _ in range(turn.text.count(IMAGE_PLACEHOLDER)):
-                    add((context.image_token, _IMAGE))
+                    _add_image(parts, context)
             else:
                 add((turn.text, _RESPONSE))
                 add(("\n", _END))
@@ -315,10 +321,18 @@ def _add_user_text(parts: list, text: str, context: RenderContext) -> None:
         return
     chunks = text.split(IMAGE_PLACEHOLDER)
     _add_words(parts, chunks[0], context.task_set)
-    image = (context.image_token, _IMAGE)
     for chunk in chunks[1:]:
-        parts.append(image)
+        _add_image(parts, context)
         _add_words(parts, chunk, context.task_set)
+
+
+def _add_image(parts: list, context: RenderContext) -> None:
+    opening, closing = context.image_wrap
+    if opening:
+        parts.append((opening, _ROLE))
+    parts.append((context.image_token, _IMAGE))
+    if closing:
+        parts.append((closing, _ROLE))
 
 
 def task_template_set(task_templates: Collection[str]) -> frozenset[str]:
@@ -413,7 +427,7 @@ def render_with_tokenizer_template(
     tokenizer = context.tokenizer
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
-    image_token = context.image_token
+    image_token = context.image_wrap[0] + context.image_token + context.image_wrap[1]
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": t.role, "content": t.text.replace(IMAGE_PLACEHOLDER, image_token)} for t in conv.turns]
     try:

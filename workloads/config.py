@@ -23,7 +23,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from workloads.chat_templates import TEMPLATES
-from workloads.masking_config import MaskingConfig
+from workloads.families import TINY_FAMILIES
+from workloads.lora_config import ModelLoraConfig
+from workloads.masking_config import MaskingConfig, RelevanceConfig
 
 TINY_LANGUAGE_MODELS = ("llama", "qwen2")
 """Language-model families of the tiny preset."""
@@ -131,6 +133,9 @@ class DataConfig(_Strict):
     every occurrence after the first (in file order, then line order) as `duplicate_id`."""
     max_row_bytes: int = Field(1_048_576, ge=1024)
     """Largest record (its JSON text in bytes); a longer one is quarantined as `row_too_large`."""
+    relevance: RelevanceConfig | None = None
+    """Score each instruction-side token's visual relevance with a reference model at preparation (what
+    `masking.mode=l2t_visual` weights by); unset: no scoring."""
 
     @field_validator("check_images", mode="before")
     @classmethod
@@ -149,6 +154,9 @@ class DataConfig(_Strict):
 class TinyModelConfig(_Strict):
     """Shape of the tiny LLaVA built locally when `model.name_or_path` is `tiny`."""
 
+    family: Literal[TINY_FAMILIES] = "llava"
+    """Model family (workloads/families.py): `llava` (a fixed token count per image), `llava_next` (AnyRes
+    tiles: the count depends on the image's size) or `qwen2_vl` (dynamic resolution, M-RoPE)."""
     image_size: int = 32
     """Input image side in pixels."""
     patch_size: int = 8
@@ -191,6 +199,18 @@ class ModelConfig(_Strict):
     """Training precision: `auto` is bf16 on GPU and float32 on CPU."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     """Attention kernel; `auto`: FlashAttention-2 on GPU in bf16 when `flash_attn` imports, else SDPA (logged)."""
+    lora: ModelLoraConfig = Field(default_factory=ModelLoraConfig)
+    """LoRA / QLoRA adapters (`enabled: true`); with them `freeze` must stay `vision_tower`."""
+
+    @model_validator(mode="after")
+    def _lora_freezes_the_base(self) -> "ModelConfig":
+        if self.lora.enabled and self.freeze != "vision_tower":
+            raise ValueError(
+                f"model.lora.enabled: LoRA trains its adapters and model.lora.full_modules and freezes the rest, "
+                f"vision tower included, so model.freeze must be vision_tower, not {self.freeze} (for "
+                f"connector_only, train the connector without LoRA; to train more, list it in full_modules)"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -404,6 +424,35 @@ class ExperimentConfig(_Strict):
     """Experiment tracking."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Output storage."""
+
+    @model_validator(mode="after")
+    def _qlora_needs_a_gpu(self) -> "ExperimentConfig":
+        if self.model.lora.enabled and self.model.lora.quantize != "none" and not self.train.use_gpu:
+            raise ValueError(
+                f"model.lora.quantize={self.model.lora.quantize}: QLoRA's 4-bit base runs on a CUDA GPU through "
+                "bitsandbytes; set train.use_gpu=true on a GPU machine, or model.lora.quantize=none to train LoRA "
+                "on a full-precision base"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tiny_family_chat_template(self) -> "ExperimentConfig":
+        """The tiny preset's family decides the chat template when `data.chat_template` is not given (a hub
+        checkpoint's family is known only from its files: give its template, as configs/ do)."""
+        if self.model.name_or_path == "tiny" and "chat_template" not in self.data.model_fields_set:
+            from workloads.families import FAMILIES
+
+            self.data.chat_template = FAMILIES[self.model.tiny.family].chat_template
+        return self
+
+    @model_validator(mode="after")
+    def _visual_needs_relevance(self) -> "ExperimentConfig":
+        if self.masking.mode == "l2t_visual" and self.data.relevance is None:
+            raise ValueError(
+                "masking.mode=l2t_visual weights instruction tokens by their visual relevance, scored at "
+                "preparation: set data.relevance.reference_model (a model folder or hub id)"
+            )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as `{dotted.key: value}`."""

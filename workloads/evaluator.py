@@ -18,7 +18,11 @@ per-token mean (``vc_mean``); the aggregates are their means over samples.
 V=∅ is random noise (the paper's choice: a standard normal draw in the image
 processor's normalized pixel space, seeded per question so that a sample's
 score does not depend on batching), a blank image (zeros in normalized space:
-the processor's mean color), or no image at all (the image tokens removed).
+the processor's mean color), or no image at all (the image tokens removed), drawn
+per image in each family's pixel layout (workloads/families.py: LLaVA-NeXT's
+tiles, Qwen2-VL's flattened patches), the image grid kept, so V=∅ always takes
+the same tokens and positions as the image it replaces. An image's token count
+comes from its size (`families.ImageTokenCounter`), as at preparation.
 
 Per-sample scores and their aggregation are in eval_summary.py. This module
 knows nothing of Ray: `Evaluator` scores a list of questions in one process;
@@ -39,6 +43,7 @@ from workloads.chat_templates import RenderContext, render_prompt_spans
 from workloads.conversations import ConversationError
 from workloads.eval_questions import normalize_question, question_conversation, question_prompt
 from workloads.eval_summary import SampleResult, score_prediction, summarize
+from workloads.families import ImageTokenCounter, image_inputs, image_settings, pixel_rows
 from workloads.loss import token_nll
 from workloads.segment_codes import Segment
 from workloads.segments import EncodeSpec, encode_conversations, image_token_id
@@ -62,21 +67,27 @@ def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _with_token_types(images: dict[str, torch.Tensor], is_image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen2-VL's M-RoPE finds each image's tokens by `mm_token_type_ids` (1 on image tokens)."""
+    return {**images, "mm_token_type_ids": is_image.int()} if "image_grid_thw" in images else images
+
+
 @torch.no_grad()
 def _response_logp(
-    model, ids: list[np.ndarray], segments: list[np.ndarray], pixel_values, pad_id: int, device
+    model, ids: list[np.ndarray], segments: list[np.ndarray], images: dict, pad_id: int, device
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log p of RESPONSE tokens per row, and their count."""
+    """Summed log p of RESPONSE tokens per row, and their count (`images`: the forward's image inputs)."""
     input_ids = _pad(ids, pad_id, left=False).to(device)
     segs = _pad(segments, int(Segment.PAD), left=False).to(device)
     attention = (segs != int(Segment.PAD)).long()
-    logits = model(input_ids=input_ids, attention_mask=attention, pixel_values=pixel_values).logits
+    images = _with_token_types(images, segs == int(Segment.IMAGE))
+    logits = model(input_ids=input_ids, attention_mask=attention, **images).logits
     nll = token_nll(logits, input_ids)
     is_response = (segs[:, 1:] == int(Segment.RESPONSE)).float()
     return (-(nll * is_response).sum(dim=1)).cpu().numpy(), is_response.sum(dim=1).cpu().numpy()
 
 
-def encode_prompts(convs: Sequence, tokenizer, spec: EncodeSpec) -> list:
+def encode_prompts(convs: Sequence, tokenizer, spec: EncodeSpec, image_tokens: Sequence | None = None) -> list:
     """Generation prompt ids (int64) of each conversation, or its ConversationError, in order.
 
     The prompt is `render_prompt_spans`: the turns up to the last user turn and
@@ -84,7 +95,8 @@ def encode_prompts(convs: Sequence, tokenizer, spec: EncodeSpec) -> list:
     `encode_conversations` builds from `spec`; the text is tokenized the way
     segments.py tokenizes training rows (one batched call, no special tokens
     added: the template writes BOS itself) and each image placeholder becomes
-    `spec.num_image_tokens` image token ids. Its ids are those of the answered
+    `spec.num_image_tokens` image token ids (or its image's count from `image_tokens`,
+    per conversation, as `encode_conversations` takes them). Its ids are those of the answered
     row up to the assistant marker.
     """
     context = RenderContext.create(
@@ -102,7 +114,10 @@ def encode_prompts(convs: Sequence, tokenizer, spec: EncodeSpec) -> list:
     if texts:
         for i, ids in zip(positions, tokenizer(texts, add_special_tokens=False)["input_ids"]):
             ids = np.asarray(ids, dtype=np.int64)
-            results[i] = np.repeat(ids, np.where(ids == image_id, spec.num_image_tokens, 1))
+            repeats = np.where(ids == image_id, spec.num_image_tokens, 1)
+            if image_tokens is not None and image_tokens[i] is not None:
+                repeats[ids == image_id] = image_tokens[i]
+            results[i] = np.repeat(ids, repeats)
     return results
 
 
@@ -147,6 +162,7 @@ class Evaluator:
         self.open_image = open_image or open_local_image(image_root)
         self.null_image, self.max_new_tokens, self.num_beams, self.seed = null_image, max_new_tokens, num_beams, seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.counter = ImageTokenCounter(model.config, image_processor)
         model.eval()
 
     @classmethod
@@ -161,16 +177,17 @@ class Evaluator:
     ) -> "Evaluator":
         """Load model, tokenizer and image processor from a `save_pretrained` folder.
 
-        Without `spec`, one is made with `vicuna_v1`, max_length 2048 and the
-        image token count of the model's config."""
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        Without `spec`, one is made with the family's chat template, max_length 2048
+        and the family's image token (workloads/families.py)."""
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        from workloads.model import num_image_tokens
+        from workloads.families import family_of
 
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
-        spec = spec or EncodeSpec("vicuna_v1", num_image_tokens(AutoConfig.from_pretrained(model_dir)), 2048)
+        settings = image_settings(model.config)
+        spec = spec or EncodeSpec(family_of(model.config).chat_template, max_length=2048, **settings)
         return cls(
             model,
             AutoTokenizer.from_pretrained(model_dir),
@@ -179,12 +196,24 @@ class Evaluator:
             **options,
         )
 
-    def _pixels(self, images: list) -> torch.Tensor | None:
+    def _pixels(self, images: list) -> dict[str, torch.Tensor]:
+        """The forward's image inputs for `images` (none: {}): pixel values in the model's dtype, and the
+        family's image grid (`image_sizes`, `image_grid_thw`)."""
         if not images:
-            return None
+            return {}
         param = next(self.model.parameters())
-        values = self.image_processor(images=images, return_tensors="np")["pixel_values"]
-        return torch.as_tensor(np.asarray(values)).to(param.device, param.dtype)
+        out = {k: torch.as_tensor(v).to(param.device) for k, v in image_inputs(self.image_processor, images).items()}
+        out["pixel_values"] = out["pixel_values"].to(param.dtype)
+        return out
+
+    def _null_pixels(self, images: dict[str, torch.Tensor], question_ids: list[str]) -> dict[str, torch.Tensor]:
+        """V=∅ for each image of `images` (noise seeded per question, or blank), in its own pixel layout."""
+        pixels = images["pixel_values"]
+        if self.null_image == "blank":
+            return {**images, "pixel_values": torch.zeros_like(pixels)}
+        rows = pixel_rows({k: v.cpu().numpy() for k, v in images.items()}).tolist()
+        parts = [_noise(tuple(p.shape), self.seed, q) for p, q in zip(torch.split(pixels, rows), question_ids)]
+        return {**images, "pixel_values": torch.cat(parts).to(pixels)}
 
     @torch.no_grad()
     def __call__(self, questions: Sequence[dict]) -> list[SampleResult]:
@@ -192,21 +221,28 @@ class Evaluator:
         model = self.model
         device = next(model.parameters()).device
         results: list[SampleResult | None] = [None] * len(questions)
-        encoded = encode_conversations([question_conversation(q) for q in questions], self.tokenizer, self.spec)
-        prompts = encode_prompts([question_prompt(q) for q in questions], self.tokenizer, self.spec)
-        kept, images = [], {}
+        images, counts = {}, [None] * len(questions)
+        for i, q in enumerate(questions):
+            if q.get("image"):
+                try:
+                    images[i] = self.open_image(q["image"])
+                except (OSError, ValueError):  # missing or unreadable: this row fails, not the batch
+                    results[i] = _failed(q, "unreadable_image")
+                    continue
+                counts[i] = self.counter.counts([images[i].size])
+        tokens = None if self.counter.family.fixed_image_tokens else counts
+        conversations = [question_conversation(q) for q in questions]
+        encoded = encode_conversations(conversations, self.tokenizer, self.spec, image_tokens=tokens)
+        prompts = encode_prompts([question_prompt(q) for q in questions], self.tokenizer, self.spec, tokens)
+        kept = []
         for i, (q, e, p) in enumerate(zip(questions, encoded, prompts)):
+            if results[i] is not None:
+                continue
             if isinstance(e, ConversationError) or isinstance(p, ConversationError):
                 results[i] = _failed(q, (e if isinstance(e, ConversationError) else p).reason)
             elif q.get("image") and e.images_kept < 1:
                 results[i] = _failed(q, "image_truncated")
             else:
-                if q.get("image"):
-                    try:
-                        images[i] = self.open_image(q["image"])
-                    except (OSError, ValueError):  # missing or unreadable: this row fails, not the batch
-                        results[i] = _failed(q, "unreadable_image")
-                        continue
                 kept.append(i)
         if kept:
             rows = [questions[i] for i in kept]
@@ -225,16 +261,17 @@ class Evaluator:
         """Generation from `prompts` (question only); teacher-forced scores from `encoded` (answered rows)."""
         model, tokenizer = self.model, self.tokenizer
         has_image = [bool(r.get("image")) for r in rows]
-        pixel_values = self._pixels(images)
+        pixels = self._pixels(images)
         ids = [e.input_ids.astype(np.int64) for e in encoded]
         segments = [e.segments.astype(np.int64) for e in encoded]
 
         prompt_ids = _pad(prompts, self.pad_id, left=True).to(device)
         prompt_mask = _pad([np.ones(len(p), np.int64) for p in prompts], 0, left=True).to(device)
+        image_id = image_token_id(tokenizer, self.spec.image_token)
         generated = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            pixel_values=pixel_values,
+            **_with_token_types(pixels, (prompt_ids == image_id) & (prompt_mask > 0)),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             num_beams=self.num_beams,
@@ -249,21 +286,16 @@ class Evaluator:
         answered = [bool(r.get("answer")) for r in rows]
         logp_real = logp_null = counts = None
         if any(answered):
-            logp_real, counts = _response_logp(model, ids, segments, pixel_values, self.pad_id, device)
-            if pixel_values is None:
+            logp_real, counts = _response_logp(model, ids, segments, pixels, self.pad_id, device)
+            if not pixels:
                 logp_null = logp_real
             elif self.null_image == "none":
                 keep = [s != int(Segment.IMAGE) for s in segments]
                 null_ids = [i[k] for i, k in zip(ids, keep)]
                 null_segments = [s[k] for s, k in zip(segments, keep)]
-                logp_null, _ = _response_logp(model, null_ids, null_segments, None, self.pad_id, device)
+                logp_null, _ = _response_logp(model, null_ids, null_segments, {}, self.pad_id, device)
             else:
-                image_ids = [str(r["question_id"]) for r in rows if r.get("image")]
-                if self.null_image == "noise":
-                    shape = tuple(pixel_values.shape[1:])
-                    null = torch.stack([_noise(shape, self.seed, q) for q in image_ids]).to(pixel_values)
-                else:
-                    null = torch.zeros_like(pixel_values)
+                null = self._null_pixels(pixels, [str(r["question_id"]) for r in rows if r.get("image")])
                 logp_null, _ = _response_logp(model, ids, segments, null, self.pad_id, device)
 
         samples = []

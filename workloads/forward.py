@@ -31,6 +31,7 @@ import torch
 from workloads.loss import chunked_nll, liger_nll, liger_problem, token_nll
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUTS += ("image_sizes", "image_grid_thw", "mm_token_type_ids")  # the families' (workloads/families.py)
 
 
 def check_loss_kernel(kernel: str, model, *, use_gpu: bool, zero_stage: int) -> None:

@@ -5,7 +5,10 @@ prepared data must be easy to look at. `inspect_rows` turns encoded rows into
 plain dicts; `to_json` keeps every token (for diffing and tools), `to_html`
 writes a standalone page colored by segment with the weight on hover, and
 `to_rich_text` prints the same in a terminal. The two displays collapse each
-image block into one item such as ``<image>×576``.
+image block into one item such as ``<image>×576``. Rows scored for visual relevance
+(`data.relevance`) carry each token's relevance too: a field of every token in JSON, a
+heat bar over each token in HTML (red: the image helps predict it, blue: it hurts), and
+`l2t_visual`'s weights are λ_I · g(relevance) on instruction tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from workloads.segment_codes import Segment, segment_weight_table
+from workloads.segment_codes import VISUAL_MODES, Segment, segment_weight_table
 from workloads.segments import EncodedRow
 
 # One color per segment, shared by the HTML page and the terminal.
@@ -52,23 +55,37 @@ def inspect_rows(
     lambda_instruction: float = 1.0,
     lambda_response: float = 1.0,
     overrides: dict[str, float | None] | None = None,
+    *,
+    relevance: list | None = None,
+    visual=None,
 ) -> list[dict]:
     """`encoded`: (row_id, EncodedRow) pairs -> [{"id", "tokens": [{"text", "id", "segment", "weight"}]}].
 
     `overrides`: per-segment weights as `MaskingConfig.weights.model_dump()` (see `segment_weight_table`).
+    `relevance`: per row, its tokens' visual relevance (or None), added to each token as "relevance";
+    `visual`: `MaskingConfig.visual`, how a visual mode turns it into weights (needed by those modes).
     """
+    from workloads.visual_relevance import gains
+
     table = segment_weight_table(mode, lambda_instruction, lambda_response, overrides)
     rows = []
-    for row_id, row in encoded:
+    for index, (row_id, row) in enumerate(encoded):
         if not isinstance(row, EncodedRow):
             raise TypeError(f"row {row_id!r} is {type(row).__name__}, not an EncodedRow")
         segments = np.asarray(row.segments)
         weights = table[segments.astype(np.int64)]
+        scores = None if relevance is None or relevance[index] is None else np.asarray(relevance[index], np.float32)
+        if mode in VISUAL_MODES:
+            if scores is None or visual is None:
+                raise ValueError(f"row {row_id!r}: masking.mode={mode} needs relevance (set data.relevance)")
+            weights = weights * gains(segments, scores, visual.transform, visual.temperature, visual.floor)
         texts = token_texts(tokenizer, row.input_ids)
         tokens = [
             {"text": text, "id": int(token_id), "segment": Segment(int(segment)).name.lower(), "weight": float(weight)}
             for text, token_id, segment, weight in zip(texts, row.input_ids, segments, weights)
         ]
+        for token, value in zip(tokens, [] if scores is None else scores):
+            token["relevance"] = round(float(value), 4)
         rows.append({"id": row_id, "mode": mode, "truncated": bool(row.truncated), "tokens": tokens})
     return rows
 
@@ -102,6 +119,30 @@ def _visible(text: str) -> str:
     return text.replace("\t", "⇥").replace("\n", "↵\n")
 
 
+RELEVANCE_HEAT_SCALE = 2.0
+"""|relevance| (nats) at which the heat bar is fully saturated."""
+
+
+def relevance_color(value: float) -> str:
+    """The heat bar's color: red for positive relevance (the image helps predict the token), blue for negative,
+    its opacity |value| / `RELEVANCE_HEAT_SCALE` (at most 1)."""
+    alpha = min(abs(value) / RELEVANCE_HEAT_SCALE, 1.0)
+    return f"rgba(229, 57, 53, {alpha:.2f})" if value >= 0 else f"rgba(30, 136, 229, {alpha:.2f})"
+
+
+def _heat_legend(rows: list[dict]) -> str:
+    if not any("relevance" in t for row in rows for t in row["tokens"]):
+        return ""
+    stops = "".join(
+        f'<span class="tok" style="box-shadow: inset 0 3px 0 {relevance_color(v)}">{v:+g}</span> '
+        for v in (-RELEVANCE_HEAT_SCALE, -1.0, 0.0, 1.0, RELEVANCE_HEAT_SCALE)
+    )
+    return (
+        f"<br>Visual relevance, log p(x | V) - log p(x | V=∅), as the bar over each token: {stops}"
+        "(hover for the value)."
+    )
+
+
 def to_html(rows: list[dict]) -> str:
     legend = "".join(
         f'<span class="tok seg-{segment.name.lower()}">{segment.name.lower()}</span> '
@@ -117,9 +158,13 @@ def to_html(rows: list[dict]) -> str:
         spans = []
         for item in collapsed_tokens(row["tokens"]):
             title = f"{item['segment']} · weight {item['weight']:g} · id {item['id']}"
+            heat = ""
+            if "relevance" in item:
+                title += f" · relevance {item['relevance']:+.3f}"
+                heat = f' style="box-shadow: inset 0 3px 0 {relevance_color(item["relevance"])}"'
             zero = " zero" if item["weight"] == 0 else ""
             spans.append(
-                f'<span class="tok seg-{item["segment"]}{zero}" title="{html.escape(title)}">'
+                f'<span class="tok seg-{item["segment"]}{zero}"{heat} title="{html.escape(title)}">'
                 f"{html.escape(_visible(item['text']))}</span>"
             )
         trained = sum(1 for t in row["tokens"] if t["weight"] > 0)
@@ -128,6 +173,7 @@ def to_html(rows: list[dict]) -> str:
             f"{len(row['tokens'])} tokens · {trained} weighted{' · truncated' if row.get('truncated') else ''}</p>"
         )
         bodies.append(f'<section>{header}<pre class="row">{"".join(spans)}</pre></section>')
+    heat = _heat_legend(rows)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -145,7 +191,7 @@ pre.row {{ white-space: pre-wrap; font-family: ui-monospace, monospace; line-hei
 </head>
 <body>
 <h1>Token masks</h1>
-<p class="legend">Legend: {legend}<br>Faded tokens have weight 0. Hover a token for its segment and weight.</p>
+<p class="legend">Legend: {legend}<br>Faded tokens have weight 0. Hover a token for its segment and weight.{heat}</p>
 {"".join(bodies)}
 </body>
 </html>

@@ -1,5 +1,6 @@
 """The masking section of the experiment schema: the ladder of modes, λ, per-segment weights,
-normalization, λ schedules and task-template selection (re-exported by `workloads.config`)."""
+normalization, λ schedules, task-template selection and the visual weighting of `l2t_visual`; and the
+relevance scoring at preparation that `l2t_visual` needs (`data.relevance`) (re-exported by `workloads.config`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ NORMALIZATIONS = ("tokens", "weight", "per_part")
 SCHEDULE_KINDS = ("constant", "linear", "cosine")
 """Shapes of a λ schedule over training steps."""
 MaskingMode = Literal[MASKING_MODES]
+RELEVANCE_TRANSFORMS = ("clip", "sigmoid", "rank")
+"""How `l2t_visual` turns a token's visual relevance r into its weight factor g (see `VisualWeighting`)."""
 
 
 class _Strict(BaseModel):
@@ -68,13 +71,49 @@ class LambdaSchedules(_Strict):
     """λ_A's schedule."""
 
 
+class VisualWeighting(_Strict):
+    """`masking.mode=l2t_visual`: each instruction token's weight is λ_I · max(floor, g(r)), r its visual relevance
+    (log p(x | V, prefix) - log p(x | V=∅, prefix) under `data.relevance.reference_model`, stored at preparation).
+    Applied at training time, so one prepared set serves every transform, temperature and floor."""
+
+    transform: Literal[RELEVANCE_TRANSFORMS] = "clip"
+    """g: `clip` = clip(r/τ, 0, 1) (tokens the image does not help predict get 0); `sigmoid` = sigmoid(r/τ)
+    (0.5 at r = 0); `rank` = the token's rank by r among its row's instruction tokens, scaled to [0, 1] (ties
+    share their mean rank, a lone token gets 1; τ unused)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """τ, in nats of relevance: `clip` reaches full weight at r = τ; `sigmoid` has slope 1/(4τ) at 0."""
+    floor: float = Field(0.0, ge=0.0, le=1.0)
+    """The least factor an instruction token keeps: weight = λ_I · max(floor, g(r)); 1 is plain `l2t`."""
+
+
+class RelevanceConfig(_Strict):
+    """`data.relevance`: score every instruction-side token of every prepared row with a reference model (two
+    teacher-forced passes, with the image and with V=∅ = `eval.null_image` seeded by `eval.seed`, evaluation's
+    choice) on a Ray Data actor pool, stored as the shards' float16 `relevance` column. The prepared folder's key
+    includes the reference model's identity, so one scoring serves a sweep and preparing again is a no-op."""
+
+    reference_model: str
+    """A local `save_pretrained` folder (e.g. the VIT baseline's exported model) or a hub id; it must share the
+    trained model's tokenizer and image token count. A folder is identified by a hash of its files' contents."""
+    batch_size: int = Field(16, ge=1)
+    """Rows per scoring forward pass."""
+    use_gpu: bool | None = None
+    """One GPU per scoring actor; unset: as `train.use_gpu`."""
+    concurrency: int | None = Field(None, ge=1)
+    """Scoring actors; unset: one per GPU, or one per 4 CPUs (at least 1) on CPU (as evaluation's pool)."""
+    cpus_per_actor: float | None = Field(None, gt=0)
+    """Logical CPUs per actor (its torch threads on CPU); unset: 0.5 on CPU, 1 beside a GPU."""
+
+
 class MaskingConfig(_Strict):
     """Which tokens carry loss, and with which weight."""
 
     mode: MaskingMode = "l2t"
     """The paper's ladder: `response` (answers only, VIT); `l2t_full` (every instruction-side token: system
     prompt, role markers, task templates, instruction); `l2t_no_system` (minus system prompt and role markers);
-    `l2t` (the paper's method: minus the system template and the task templates)."""
+    `l2t` (the paper's method: minus the system template and the task templates); `l2t_visual` (`l2t` with each
+    instruction token weighted by its visual relevance: `masking.visual`, scored at preparation by
+    `data.relevance`)."""
     lambda_instruction: float = Field(1.0, ge=0.0)
     """λ_I, the weight of instruction tokens (the start value when scheduled)."""
     lambda_response: float = Field(1.0, ge=0.0)
@@ -89,6 +128,8 @@ class MaskingConfig(_Strict):
     """λ schedules over training steps."""
     task_templates: TaskTemplateConfig = Field(default_factory=TaskTemplateConfig)
     """Task-template selection."""
+    visual: VisualWeighting = Field(default_factory=VisualWeighting)
+    """How `l2t_visual` turns each instruction token's visual relevance into its weight."""
 
     @field_validator("mode", mode="before")
     @classmethod

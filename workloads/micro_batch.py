@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from workloads.families import concatenate_pixels
 from workloads.packing import block_causal_mask, pack_rows
 from workloads.segment_codes import INSTRUCTION_SEGMENTS, RESPONSE_SEGMENTS, Segment
+from workloads.visual_relevance import WEIGHT_SCALE
 
 SCORED_SEGMENTS = np.array([int(s) for s in (*INSTRUCTION_SEGMENTS, *RESPONSE_SEGMENTS)])
 
@@ -39,6 +41,33 @@ def _padded(rows_ids: list[np.ndarray], rows_segments: list[np.ndarray], pad_tok
         input_ids[i, : len(ids)] = ids
         segments[i, : len(segs)] = segs
     return input_ids, segments
+
+
+def _laid_out(rows_values: list, rows_segments: list[np.ndarray], packing: bool, packing_length: int | None):
+    """Per-token float values of each row (`weight_scale`) laid out as the ids are, padded or packed: the rows'
+    flat token indices go through the same layout, and padding (-1) reads 0."""
+    starts = np.concatenate([[0], np.cumsum([len(s) for s in rows_segments])]).astype(np.int64)
+    index = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
+    if packing:
+        laid = pack_rows(index, rows_segments, -1, packing_length).input_ids
+    else:
+        laid = _padded(index, rows_segments, -1)[0]
+    values = np.concatenate([*(np.asarray(v, np.float32) for v in rows_values), np.zeros(1, np.float32)])
+    return values[laid]
+
+
+def _image_grids(batch: dict[str, Any], rows: list[int], segments: torch.Tensor, packing: bool, device) -> dict:
+    """The family's image grid of the rows with images (workloads/families.py), and for Qwen2-VL the
+    `mm_token_type_ids` its M-RoPE positions are computed from (1 on image tokens, which segments mark)."""
+    out = {}
+    for key in ("image_sizes", "image_grid_thw"):
+        if key in batch and rows:
+            out[key] = torch.from_numpy(np.concatenate([np.asarray(batch[key][i]) for i in rows])).to(device)
+    if "image_grid_thw" in out:
+        if packing:
+            raise ValueError("train.packing: Qwen2-VL's M-RoPE positions can't be packed; set train.packing=false")
+        out["mm_token_type_ids"] = (segments == int(Segment.IMAGE)).int()
+    return out
 
 
 def collate(
@@ -72,6 +101,9 @@ def collate(
         input_ids, segments = _padded(rows_ids, rows_segments, pad_token_id)
         order = list(range(len(rows_ids)))
         mask = None
+    if WEIGHT_SCALE in batch:  # per-token multipliers of the segment weights (`l2t_visual`)
+        scale = _laid_out(batch[WEIGHT_SCALE], rows_segments, packing, packing_length).reshape(segments.shape)
+        out[WEIGHT_SCALE] = torch.from_numpy(scale).to(device)
     out["input_ids"] = torch.from_numpy(input_ids).to(device)
     out["segments"] = torch.from_numpy(segments).to(device)
     out["attention_mask"] = (out["segments"] != int(Segment.PAD)).long() if not packing else mask
@@ -81,6 +113,7 @@ def collate(
     out["lengths"] = torch.tensor(lengths, dtype=torch.float64, device=device)
     ordered = [images[i] for i in order if images[i] is not None]
     if ordered:
-        out["pixel_values"] = torch.from_numpy(np.concatenate(ordered, axis=0)).to(device)
+        out["pixel_values"] = torch.from_numpy(concatenate_pixels(ordered)).to(device)
+    out.update(_image_grids(batch, [i for i in order if images[i] is not None], out["segments"], packing, device))
     out["skipped_rows"] = int(batch.get("skipped_rows", 0) or 0)
     return out

@@ -1,11 +1,13 @@
 """Loading LLaVA-family models, composing TinyLLaVA-style ones, choosing which parts learn.
 
 Everything goes through transformers' `from_pretrained`, by Hugging Face id or
-local folder, so the tiny preset built by `workloads.tiny_model`, a hub
+local folder (any family of workloads/families.py: LLaVA, LLaVA-NeXT, Qwen2-VL),
+so the tiny preset built by `workloads.tiny_model`, a hub
 checkpoint such as `llava-hf/llava-1.5-7b-hf` and a TinyLLaVA-style
 composition written by `compose_llava` take the same path.
 
-TinyLLaVA-style composition: a causal LM (e.g. Qwen/Qwen2-0.5B) and a vision
+TinyLLaVA-style composition: a causal LM (e.g. Qwen/Qwen2-0.5B, or microsoft/phi-2 for TinyLLaVA-3B,
+whose LM head's bias LLaVA's head can't hold and which is dropped with a warning) and a vision
 tower (e.g. google/siglip-so400m-patch14-384) are loaded separately and put
 into one `LlavaForConditionalGeneration` through `LlavaConfig`, with a fresh
 two-layer MLP connector; the result is saved with its processor and loads like
@@ -26,6 +28,7 @@ import importlib.util
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,21 +146,44 @@ def load_model(
     attn_implementation: str = "auto",
     gradient_checkpointing: bool = False,
     use_gpu: bool = False,
+    **options,
 ):
-    """A LLaVA-family model for training, by hub id or local folder."""
+    """A LLaVA-family model for training, by hub id or local folder; `options` go to `from_pretrained`
+    (QLoRA's `quantization_config` and `device_map`, `workloads.lora.quantized_loading`)."""
     from transformers import AutoModelForImageTextToText
 
     attention = attention_implementation(attn_implementation, use_gpu, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attention)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=dtype, attn_implementation=attention, **options
+    )
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
 
 
-def load_processor(name_or_path: str):
-    from transformers import AutoProcessor
+@dataclass
+class ProcessorParts:
+    """A processor's tokenizer and image processor, saved side by side, where the processor class itself can't
+    be built here (Qwen2-VL's demands a video processor, which needs torchvision)."""
 
-    return AutoProcessor.from_pretrained(name_or_path)
+    tokenizer: object
+    image_processor: object
+
+    def save_pretrained(self, out_dir) -> None:
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+
+def load_processor(name_or_path: str):
+    """The model's processor (the export saves it beside the weights), or its `ProcessorParts`: l2t itself
+    loads only the tokenizer and the image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(name_or_path)
+    except ImportError:  # a backend the processor class needs (torchvision) is missing
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return ProcessorParts(tokenizer, AutoImageProcessor.from_pretrained(name_or_path))
 
 
 def apply_freeze_policy(model: torch.nn.Module, policy: str) -> ParameterCounts:
@@ -165,15 +191,19 @@ def apply_freeze_policy(model: torch.nn.Module, policy: str) -> ParameterCounts:
 
     `connector_only`: only the projector learns (LLaVA pre-training);
     `vision_tower`: the vision tower is frozen, connector and LM learn (fine-tuning, the paper's setting);
-    `none`: everything learns (LLaVA-NeXT style).
+    `none`: everything learns (LLaVA-NeXT style). Which parameters are the connector and the tower is the
+    family's (workloads/families.py: LLaVA-NeXT's `image_newline` is connector, Qwen2-VL's `visual.merger`).
     """
+    from workloads.families import FAMILIES
+
     if policy not in FREEZE_POLICIES:
         raise ValueError(f"unknown freeze policy {policy!r}; expected one of {FREEZE_POLICIES}")
+    family = FAMILIES.get(getattr(model.config, "model_type", None), FAMILIES["llava"])  # LLaVA's names otherwise
     for name, param in model.named_parameters():
         if policy == "connector_only":
-            param.requires_grad = "multi_modal_projector" in name
+            param.requires_grad = family.is_connector(name)
         elif policy == "vision_tower":
-            param.requires_grad = "vision_tower" not in name
+            param.requires_grad = not family.is_vision_tower(name)
         else:
             param.requires_grad = True
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -287,7 +317,14 @@ def compose_llava(
     missing, unexpected = model.model.language_model.load_state_dict(lm.model.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(f"language model {language_model}: missing {missing}, unexpected {unexpected}")
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    head = lm.lm_head.state_dict()
+    if head.pop("bias", None) is not None:  # Phi-2's head has one; LlavaForConditionalGeneration's lm_head has none
+        warnings.warn(
+            f"{language_model}: the LM head's bias has no place in LlavaForConditionalGeneration and is dropped "
+            "(fine-tuning the LM absorbs it)",
+            stacklevel=2,
+        )
+    model.lm_head.load_state_dict(head)
     _load_vision_weights(model.model.vision_tower, tower)
     if config.tie_word_embeddings:
         model.tie_weights()

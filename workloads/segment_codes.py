@@ -29,9 +29,13 @@ class Segment(IntEnum):
     END_OF_TURN = 7
 
 
-MASKING_MODES = ("response", "l2t_full", "l2t_no_system", "l2t")
+MASKING_MODES = ("response", "l2t_full", "l2t_no_system", "l2t", "l2t_visual")
 """The paper's ablation ladder, weakest first: answers only (VIT), the full instruction, minus the system
-template (system prompt and role markers), minus the task templates too (`l2t`, the paper's method)."""
+template (system prompt and role markers), minus the task templates too (`l2t`, the paper's method); then
+`l2t_visual`, the paper's future work: `l2t`'s segments with each instruction token's λ_I scaled by how much
+the image tells about it (`workloads.visual_relevance`)."""
+VISUAL_MODES = ("l2t_visual",)
+"""Modes whose instruction weights also depend on each token's stored visual relevance, not on segments alone."""
 RENAMED_MODES = {"l2t_no_template": "l2t"}
 """Earlier names of masking modes, refused with the new name."""
 
@@ -48,6 +52,7 @@ _MODE_TABLE: dict[str, dict[Segment, str]] = {
     },
     "l2t_no_system": {Segment.INSTRUCTION: "I", Segment.TASK_TEMPLATE: "I", **_RESPONSE_SIDE},
     "l2t": {Segment.INSTRUCTION: "I", **_RESPONSE_SIDE},
+    "l2t_visual": {Segment.INSTRUCTION: "I", **_RESPONSE_SIDE},  # times g(relevance) per instruction token
 }
 
 INSTRUCTION_SEGMENTS = (Segment.SYSTEM, Segment.ROLE, Segment.INSTRUCTION, Segment.TASK_TEMPLATE)
@@ -88,13 +93,16 @@ def segment_weight_table(
     return table
 
 
-def weights_from_table(segments, table: np.ndarray):
-    """Per-token weights `table[segments]` (numpy array or torch tensor of segment codes, any shape)."""
+def weights_from_table(segments, table: np.ndarray, scale=None):
+    """Per-token weights `table[segments]` (numpy array or torch tensor of segment codes, any shape), times
+    `scale` (per-token multipliers of the same shape, e.g. `l2t_visual`'s g(relevance)) when given."""
     if isinstance(segments, np.ndarray):
-        return table[segments.astype(np.int64)]
+        weights = table[segments.astype(np.int64)]
+        return weights if scale is None else weights * np.asarray(scale, dtype=np.float32)
     import torch
 
-    return torch.as_tensor(table, device=segments.device)[segments.long()]
+    weights = torch.as_tensor(table, device=segments.device)[segments.long()]
+    return weights if scale is None else weights * scale.to(weights.dtype)
 
 
 def token_weights(
@@ -111,10 +119,11 @@ def token_weights(
 def token_shares(tokens_by_segment: Mapping[str, int]) -> dict[str, dict[str, float]]:
     """Per masking mode, what it trains of a prepared set's tokens (the manifest's ``tokens_by_segment``):
     ``{"trained": tokens with a nonzero weight at λ_I = λ_A = 1, "instruction": their instruction-side share,
-    "response": their response-side share (response + end of turn)}``."""
+    "response": their response-side share (response + end of turn)}``. `VISUAL_MODES` are left out: which of
+    their tokens train depends on the stored relevance, not on segment counts (at most `l2t`'s)."""
     counts = {segment: int(tokens_by_segment.get(segment.name.lower(), 0)) for segment in Segment}
     shares = {}
-    for mode in MASKING_MODES:
+    for mode in (m for m in MASKING_MODES if m not in VISUAL_MODES):
         table = segment_weight_table(mode, 1.0, 1.0)
         trained = sum(n for segment, n in counts.items() if table[segment] > 0)
         response = sum(counts[segment] for segment in RESPONSE_SEGMENTS if table[segment] > 0)

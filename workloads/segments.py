@@ -11,9 +11,10 @@ tokenize once per batch with offsets, look every token's piece up with numpy.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
@@ -40,7 +41,7 @@ def _is_space(codepoints: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class EncodeSpec:
     template: str
-    num_image_tokens: int  # each <image> placeholder expands to this many copies of the image token id
+    num_image_tokens: int  # copies of the image token id per <image> (0: per image, given to encode_conversations)
     max_length: int
     task_templates: tuple[str, ...] = ()
     image_token: str = "<image>"
@@ -48,8 +49,8 @@ class EncodeSpec:
     image_placement: str = "auto"  # front | as_written | auto (see DataConfig.image_placement)
 
     def __post_init__(self):
-        if self.num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1, got {self.num_image_tokens}")
+        if self.num_image_tokens < 0:
+            raise ValueError(f"num_image_tokens must be >= 0 (0: per image), got {self.num_image_tokens}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
         object.__setattr__(self, "task_templates", tuple(self.task_templates))
@@ -61,6 +62,7 @@ class EncodedRow:
     segments: np.ndarray  # int8 Segment codes, same length
     truncated: bool
     images_kept: int  # images whose tokens survive truncation; feed only the first images_kept images
+    image_tokens: tuple[int, ...] = ()  # tokens of each kept image (its IMAGE block), in order
 
 
 def image_token_id(tokenizer, image_token: str = "<image>") -> int:
@@ -74,7 +76,9 @@ def image_token_id(tokenizer, image_token: str = "<image>") -> int:
     return int(ids[0])
 
 
-def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_rows: int = 256) -> list:
+def encode_conversations(
+    convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_rows=256, image_tokens=None, overlap: bool | None = None
+) -> list:
     """Render, tokenize and segment a batch; one `EncodedRow` or `ConversationError` per input, in order.
 
     The procedure (docs/design.md, "Token segments"): render each conversation to
@@ -113,7 +117,8 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
     ConversationError("special_token_in_content"). Other rows pay nothing.
 
     Each image placeholder token (a single special token, checked) becomes
-    `spec.num_image_tokens` copies of its id with segment IMAGE. Truncation to
+    `spec.num_image_tokens` copies of its id with segment IMAGE (or its image's count from `image_tokens`,
+    per conversation: workloads/families.py; needed when that is 0). Truncation to
     `spec.max_length` never cuts an image block: the cut moves to the start of
     the block, and `images_kept` says how many images the caller must feed.
     A row with no RESPONSE token left (or none at all) is returned as
@@ -121,12 +126,10 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
     Template and validation failures are returned per row the same way, so
     one bad row does not fail the batch.
 
-    Rows go through in chunks of `chunk_rows`, one batched tokenizer call per
-    chunk, run on a helper thread: the Rust tokenizer releases the GIL, so
-    this thread renders the next chunk and segments the previous one
-    meanwhile (rendering and segmentation are Python, tokenization is Rust;
-    benchmarks/masking.py measures the overlap). Results do not depend on
-    `chunk_rows`.
+    Rows go through in chunks of `chunk_rows`, one tokenizer call each, on a helper thread when `overlap` (None:
+    when this process may use more than one core; a Ray task of one CPU passes False, as two threads on one busy
+    core cost more CPU than one): the Rust tokenizer releases the GIL, so this thread renders the next chunk and
+    segments the last meanwhile (benchmarks/masking.py). Results depend on neither `chunk_rows` nor `overlap`.
     """
     from workloads.chat_templates import RenderContext
 
@@ -138,14 +141,16 @@ def encode_conversations(convs: Sequence, tokenizer, spec: EncodeSpec, *, chunk_
     results: list = [None] * len(convs)
     step = max(1, chunk_rows)
     chunk_starts = range(0, len(convs), step)
-    if len(chunk_starts) == 1:  # nothing to overlap with
-        chunk = _render_chunk(convs, 0, step, context, results)
-        _finish_chunk(chunk, _tokenize(tokenizer, chunk.texts), spec, image_id, specials, results)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if len(chunk_starts) == 1 or not (cores > 1 if overlap is None else overlap):  # nothing to overlap
+        for start in chunk_starts:
+            chunk = _render_chunk(convs, start, start + step, context, results, image_tokens)
+            _finish_chunk(chunk, _tokenize(tokenizer, chunk.texts), spec, image_id, specials, results)
         return results
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="l2t-tokenize") as tokenizer_thread:
         pending = None
         for start in chunk_starts:
-            chunk = _render_chunk(convs, start, start + step, context, results)
+            chunk = _render_chunk(convs, start, start + step, context, results, image_tokens)
             tokenized = tokenizer_thread.submit(_tokenize, tokenizer, chunk.texts)
             if pending is not None:
                 _finish_chunk(pending[0], pending[1].result(), spec, image_id, specials, results)
@@ -162,9 +167,10 @@ class _RenderedChunk:
     piece_segments: list[list[int]]
     positions: list[int]  # index of each rendered row in the caller's batch
     row_ids: list[str]
+    image_tokens: list = field(default_factory=list)  # per row: its images' token counts, or None (the spec's)
 
 
-def _render_chunk(convs: Sequence, start: int, stop: int, context, results: list) -> _RenderedChunk:
+def _render_chunk(convs: Sequence, start: int, stop: int, context, results: list, image_tokens=None) -> _RenderedChunk:
     from workloads.chat_templates import render_spans
 
     chunk = _RenderedChunk([], [], [], [], [])
@@ -180,6 +186,7 @@ def _render_chunk(convs: Sequence, start: int, stop: int, context, results: list
         chunk.piece_segments.append(segments)
         chunk.positions.append(i)
         chunk.row_ids.append(conv.id)
+        chunk.image_tokens.append(None if image_tokens is None else image_tokens[i])
     return chunk
 
 
@@ -245,15 +252,18 @@ def _segment(
     responses_per_row = batch.per_row(segments == _RESPONSE).tolist()
     on_content = content_specials(batch, specials, image_id)
 
-    block = spec.num_image_tokens
-    ids, segments, row_bounds = _expand_images(ids, segments, is_image, token_counts, images_per_row, block)
+    blocks, block_errors = _image_blocks(chunk, images_per_row.tolist(), spec.num_image_tokens)
+    ids, segments, row_bounds = _expand_images(ids, segments, is_image, token_counts, images_per_row, blocks)
     images_per_row = images_per_row.tolist()
 
     results: list = []
     max_length = spec.max_length
     for r in range(n_rows):
         a, z = row_bounds[r], row_bounds[r + 1]
-        if misplaced_images[r]:
+        if block_errors[r] is not None:
+            on_content.pop(r, None)
+            results.append(block_errors[r])
+        elif misplaced_images[r]:
             on_content.pop(r, None)
             results.append(
                 ConversationError(
@@ -264,11 +274,11 @@ def _segment(
             )
         elif z - a <= max_length:
             if responses_per_row[r]:
-                results.append(EncodedRow(ids[a:z], segments[a:z], False, images_per_row[r]))
+                results.append(EncodedRow(ids[a:z], segments[a:z], False, images_per_row[r], tuple(blocks[r])))
             else:
                 results.append(ConversationError("no_trained_tokens", f"row {row_ids[r]!r}: no response token"))
         else:
-            results.append(_truncated(ids[a:z], segments[a:z], image_id, block, max_length, row_ids[r]))
+            results.append(_truncated(ids[a:z], segments[a:z], image_id, blocks[r], max_length, row_ids[r]))
     if on_content:  # rare: these rows are encoded again, on their own
         again = _RenderedChunk([], [], [], [], [])
         tokenized: tuple[list, list] = ([], [])
@@ -283,6 +293,7 @@ def _segment(
             again.piece_segments.append(chunk.piece_segments[r])
             again.positions.append(r)
             again.row_ids.append(row_ids[r])
+            again.image_tokens.append(chunk.image_tokens[r] if chunk.image_tokens else None)
             tokenized[0].append(encoded[0])
             tokenized[1].append(encoded[1])
         for r, row in zip(again.positions, _segment(again, *tokenized, spec, image_id, specials, respelled=True)):
@@ -418,48 +429,71 @@ def _first_visible(codepoints: np.ndarray, starts: np.ndarray, ends: np.ndarray)
     return keys
 
 
+def _image_blocks(chunk: _RenderedChunk, images_per_row: list[int], block: int) -> tuple[list[list[int]], list]:
+    """Each row's image-token count per placeholder (the caller's, else `block` each), and per row the
+    ConversationError when they can't be known (else None); a failed row gets blocks of 1."""
+    blocks, errors = [], []
+    for r, images in enumerate(images_per_row):
+        given, row, error = chunk.image_tokens[r] if chunk.image_tokens else None, chunk.row_ids[r], None
+        if given is None and images and block < 1:
+            error = ConversationError("image_tokens_unknown", f"row {row!r}: no image-token count per image given")
+        elif given is not None and (len(given) != images or min(given, default=1) < 1):
+            message = f"row {row!r}: {images} image placeholder(s) but image-token counts {list(given)[:8]}"
+            error = ConversationError("image_placeholder_mismatch", message)
+        errors.append(error)
+        blocks.append([1] * images if error else [block] * images if given is None else [int(n) for n in given])
+    return blocks, errors
+
+
 def _expand_images(
     ids: np.ndarray,
     segments: np.ndarray,
     is_image: np.ndarray,
     token_counts: np.ndarray,
     images_per_row: np.ndarray,
-    block: int,
+    blocks: list[list[int]],
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Expand each image placeholder token into its block of `block` image tokens.
+    """Expand each image placeholder token into its block of image tokens (`blocks`: per row, per image).
 
     Returns the expanded ids and segments of the whole batch and the row bounds in them
     (row r is [bounds[r], bounds[r + 1]))."""
-    if block > 1 and images_per_row.any():
-        repeats = np.where(is_image, block, 1)
+    image_tokens = np.fromiter((n for row in blocks for n in row), dtype=np.int64, count=int(images_per_row.sum()))
+    if image_tokens.size and (image_tokens > 1).any():
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[np.flatnonzero(is_image)] = image_tokens
         ids = np.repeat(ids, repeats)
         segments = np.repeat(segments, repeats)
     row_bounds = np.zeros(len(token_counts) + 1, dtype=np.int64)
-    np.cumsum(token_counts + images_per_row * (block - 1), out=row_bounds[1:])
+    extra = np.fromiter((sum(row) - len(row) for row in blocks), dtype=np.int64, count=len(blocks))
+    np.cumsum(token_counts + extra, out=row_bounds[1:])
     return ids, segments, row_bounds.tolist()
 
 
-def _truncated(ids: np.ndarray, segments: np.ndarray, image_id: int, block: int, max_length: int, row_id: str):
-    cut, images_kept = _truncation_point(ids, image_id, block, max_length)
+def _truncated(ids: np.ndarray, segments: np.ndarray, image_id: int, blocks, max_length: int, row_id: str):
+    cut, images_kept = _truncation_point(ids, image_id, blocks, max_length)
     if not (segments[:cut] == _RESPONSE).any():
         return ConversationError(
             "no_trained_tokens",
             f"row {row_id!r}: no response token within max_length={max_length} "
             f"({len(ids)} tokens with images expanded)",
         )
-    return EncodedRow(ids[:cut], segments[:cut], True, images_kept)
+    return EncodedRow(ids[:cut], segments[:cut], True, images_kept, tuple(blocks[:images_kept]))
 
 
-def _truncation_point(ids: np.ndarray, image_id: int, block: int, max_length: int) -> tuple[int, int]:
+def _truncation_point(ids: np.ndarray, image_id: int, blocks, max_length: int) -> tuple[int, int]:
     """Where to cut an expanded row to at most `max_length` tokens without splitting an image block.
 
-    Returns (cut, number of image blocks before the cut). Image blocks are
-    recognized from their positions (adjacent blocks are not merged).
+    `blocks`: the tokens of each image block in order (or one count for all). Returns (cut, number of
+    image blocks before the cut). Image blocks are recognized from their positions (adjacent blocks are
+    not merged).
     """
     image_positions = np.flatnonzero(ids == image_id)
     if len(image_positions):
-        block_starts = image_positions[::block]
-        block_ends = block_starts + block
+        sizes = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if sizes.size == 1:
+            sizes = np.full(len(image_positions) // int(sizes[0]), int(sizes[0]))
+        block_starts = image_positions[np.concatenate([[0], np.cumsum(sizes)[:-1]])]
+        block_ends = block_starts + sizes
         inside = (block_starts < max_length) & (block_ends > max_length)
         cut = int(block_starts[inside][0]) if inside.any() else max_length
         return cut, int((block_ends <= cut).sum())

@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialized LLaVA that loads like a hub checkpoint.
+"""Build a tiny, randomly initialized LLaVA (or LLaVA-NeXT, or Qwen2-VL) that loads like a hub checkpoint.
 
 No weights can be downloaded here, yet the training loop, the data pipeline and
 the evaluation must be tested against the real transformers classes and the real
@@ -10,11 +10,20 @@ model, a tokenizer trained on the caller's corpus (``tokenizer_factory``), a
 CLIP image processor, and a ``LlavaProcessor`` that expands ``<image>`` into
 exactly as many placeholder tokens as the model consumes.
 
+`model.tiny.family` picks the family (workloads/families.py): `llava` (the
+above), `llava_next` (the same CLIP tower and LM in a
+``LlavaNextForConditionalGeneration`` with AnyRes pinpoints of 1x2, 2x1 and 2x2
+tiles and a ``LlavaNextProcessor``) or `qwen2_vl` (a
+``Qwen2VLForConditionalGeneration``: its own patch-merging vision tower, an
+M-RoPE LM, a ``Qwen2VLProcessor`` whose resizing keeps images between one
+merged patch and twice ``image_size`` a side).
+
 Two choices come from measurements on this tiny shape:
 ``vision_feature_layer=-1``, because a 2-layer tower's penultimate layer kept
 the model at chance for 1,200 steps (the last layer learned within 150); and
 ``vision_feature_select_strategy="full"``, which keeps CLS, so an image takes
-(image_size / patch_size)**2 + 1 tokens.
+(image_size / patch_size)**2 + 1 tokens. LLaVA-NeXT's unpadding needs the
+CLS dropped ("default"); its tiles then take (image_size / patch_size)**2 each.
 """
 
 from __future__ import annotations
@@ -34,26 +43,34 @@ from transformers import (
 )
 
 from workloads.config import TINY_LANGUAGE_MODELS, TinyModelConfig
+from workloads.families import IMAGE_WRAPS, TINY_FAMILIES
 from workloads.tokenizer_factory import IMAGE_TOKEN, train_tokenizer
+
+QWEN2_VL_TOKENS = ("<|image_pad|>", "<|video_pad|>", *IMAGE_WRAPS["<|image_pad|>"])
+"""The special tokens Qwen2-VL's processor and model use, added to the tiny tokenizer for `qwen2_vl`."""
 
 # CLIP's normalization constants, as in openai/clip-vit-large-patch14-336.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _image_processor(image_size: int):
-    """A CLIP image processor that resizes straight to image_size (no crop beyond that) and normalizes.
+def _processor_class(name: str):
+    """transformers 5 picks a torchvision backend for image processors and falls back, with a warning, to
+    the PIL one when torchvision is missing; ask for the PIL one directly then. Both save the same
+    preprocessor_config.json."""
+    import transformers
 
-    transformers 5 picks a torchvision backend for ``CLIPImageProcessor`` and
-    falls back, with a warning, to the PIL one when torchvision is missing; ask
-    for the PIL one directly then. Both save the same preprocessor_config.json.
-    """
     try:
         import torchvision  # noqa: F401
-        from transformers import CLIPImageProcessor as processor_class
+
+        return getattr(transformers, name)
     except ImportError:
-        from transformers import CLIPImageProcessorPil as processor_class
-    return processor_class(
+        return getattr(transformers, name + "Pil")
+
+
+def _image_processor(image_size: int):
+    """A CLIP image processor that resizes straight to image_size (no crop beyond that) and normalizes."""
+    return _processor_class("CLIPImageProcessor")(
         size={"height": image_size, "width": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_resize=True,
@@ -85,28 +102,8 @@ def _text_config(spec: TinyModelConfig, vocab_size: int, special_ids: dict[str, 
     raise ValueError(f"unknown language model {spec.lm!r}; expected one of {TINY_LANGUAGE_MODELS}")
 
 
-def build_tiny_model(
-    out_dir: Path, corpus: Iterable[str], spec: TinyModelConfig | None = None, *, seed: int = 0
-) -> Path:
-    """Write a randomly initialized tiny LLaVA, its tokenizer and processor to ``out_dir``; returns ``out_dir``.
-
-    `spec` is the config's `model.tiny` section (defaults when None); `seed` seeds the weights.
-    """
-    spec = spec or TinyModelConfig()
-    if spec.image_size % spec.patch_size:
-        raise ValueError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = train_tokenizer(corpus, family=spec.tokenizer_family, vocab_size=spec.vocab_size)
-    special_ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    vision_config = CLIPVisionConfig(
+def _clip_config(spec: TinyModelConfig) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 4,
         num_hidden_layers=spec.vision_layers,
@@ -115,22 +112,18 @@ def build_tiny_model(
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
     )
+
+
+def _llava(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
     config = LlavaConfig(
-        vision_config=vision_config,
+        vision_config=_clip_config(spec),
         text_config=_text_config(spec, len(tokenizer), special_ids),
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         image_seq_length=(spec.image_size // spec.patch_size) ** 2 + 1,
         **special_ids,
     )
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-
     processor = LlavaProcessor(
         image_processor=_image_processor(spec.image_size),
         tokenizer=tokenizer,
@@ -140,6 +133,130 @@ def build_tiny_model(
         image_token=IMAGE_TOKEN,
         chat_template=tokenizer.chat_template,
     )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _llava_next(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    side = spec.image_size
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]  # (height, width), as LLaVA-NeXT's
+    config = LlavaNextConfig(
+        vision_config=_clip_config(spec),
+        text_config=_text_config(spec, len(tokenizer), special_ids),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=pinpoints,
+        **special_ids,
+    )
+    image_processor = _processor_class("LlavaNextImageProcessor")(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints,
+        do_pad=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+        chat_template=tokenizer.chat_template,
+    )
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+def _qwen2_vl(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_TOKENS)})
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
+    head_dim = spec.text_hidden // spec.text_heads
+    if head_dim % 8:
+        raise ValueError(f"qwen2_vl: text_hidden / text_heads = {head_dim} must be a multiple of 8 (M-RoPE sections)")
+    quarter = head_dim // 8  # M-RoPE splits each head's rotary half into temporal, height and width sections
+    text = _text_config(spec, len(tokenizer), special_ids).to_dict()
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [
+        2 * quarter, quarter, quarter]})  # fmt: skip
+    merge = 2
+    config = Qwen2VLConfig(
+        text_config={k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")},
+        vision_config=dict(
+            depth=spec.vision_layers,
+            embed_dim=spec.vision_hidden,
+            hidden_size=spec.text_hidden,
+            num_heads=spec.vision_heads,
+            patch_size=spec.patch_size,
+            spatial_merge_size=merge,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special_ids,
+    )
+    factor = spec.patch_size * merge
+    image_processor = _processor_class("Qwen2VLImageProcessor")(
+        size={"shortest_edge": factor * factor, "longest_edge": (2 * spec.image_size) ** 2},
+        patch_size=spec.patch_size,
+        merge_size=merge,
+        temporal_patch_size=2,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return Qwen2VLForConditionalGeneration(config), _qwen2_vl_processor(image_processor, tokenizer)
+
+
+def _qwen2_vl_processor(image_processor, tokenizer):
+    """A `Qwen2VLProcessor` where torchvision is installed; else the image processor alone: the processor's
+    constructor demands a video processor, which needs torchvision. l2t loads a model's tokenizer and image
+    processor apart (AutoTokenizer, AutoImageProcessor) for every family, so the folder serves it either way."""
+    from transformers import Qwen2VLProcessor
+
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(patch_size=image_processor.patch_size, merge_size=2)
+    except ImportError:
+        return image_processor
+    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
+
+
+_BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl}
+
+
+def build_tiny_model(
+    out_dir: Path, corpus: Iterable[str], spec: TinyModelConfig | None = None, *, seed: int = 0
+) -> Path:
+    """Write a randomly initialized tiny model of `spec.family`, its tokenizer and processor to ``out_dir``;
+    returns ``out_dir``.
+
+    `spec` is the config's `model.tiny` section (defaults when None); `seed` seeds the weights.
+    """
+    spec = spec or TinyModelConfig()
+    if spec.image_size % spec.patch_size:
+        raise ValueError(f"image_size {spec.image_size} is not a multiple of patch_size {spec.patch_size}")
+    if spec.family not in _BUILDERS:
+        raise ValueError(f"unknown tiny family {spec.family!r}; expected one of {TINY_FAMILIES}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = train_tokenizer(corpus, family=spec.tokenizer_family, vocab_size=spec.vocab_size)
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(seed)
+    model, processor = _BUILDERS[spec.family](spec, tokenizer, special_ids)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
 
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from workloads.config import ExperimentConfig, MaskingConfig, TrainConfig
 from workloads.forward import check_loss_kernel, engine_nll
+from workloads.lora import apply_lora, quantized_loading, save_trained_model
 from workloads.loss import l2t_loss_from_nll, step_denominators
 from workloads.micro_batch import collate
 from workloads.model import (
@@ -75,6 +76,7 @@ from workloads.model import (
 from workloads.schedules import masking_weight_table, scheduled_lambdas
 from workloads.segment_codes import weights_from_table
 from workloads.training_eval import TrainingEval
+from workloads.visual_relevance import WEIGHT_SCALE, with_weight_scales
 
 MODEL_SUBDIR = "model"
 DEEPSPEED_SUBDIR = "deepspeed"
@@ -280,8 +282,10 @@ def build_engine(cfg: ExperimentConfig, deepspeed_config: dict[str, Any], world_
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         use_gpu=use_gpu,
+        **quantized_loading(cfg.model, dtype, use_gpu=use_gpu),  # QLoRA: a 4-bit base
     )
     apply_freeze_policy(model, cfg.model.freeze)
+    model = apply_lora(model, cfg.model, use_gpu=use_gpu)  # model.lora: adapters, the rest frozen
     prepare_for_training(model)  # train(): checkpointing recomputes, dropout applies; no KV cache
     stage = int(deepspeed_config.get("zero_optimization", {}).get("stage", 0))
     check_loss_kernel(train.loss_kernel, model, use_gpu=use_gpu, zero_stage=stage)
@@ -377,8 +381,8 @@ def train_step(
     # 1. batch: this rank's micro-batches of the step, weighted with the step's λ; the step's denominators
     #    [N, Σw, N_I, N_A] over the whole global batch (one all-reduce)
     table = masking_weight_table(masking, step, total_steps)
-    batches = [built.collate(b) for b in group]
-    weights = [weights_from_table(b["segments"], table) for b in batches]
+    batches = [built.collate(with_weight_scales(b, masking)) for b in group]  # l2t_visual: × g(relevance)
+    weights = [weights_from_table(b["segments"], table, b.get(WEIGHT_SCALE)) for b in batches]
     here = torch.stack([step_denominators(b["segments"], w) for b, w in zip(batches, weights)]).sum(dim=0)
     denominators = _all_reduce_sum(here.clone())
     plain_norm = None
@@ -465,7 +469,7 @@ def _export(engine, model_path: str, rank: int, metrics: dict[str, float], repor
         checkpoint_dir = None
         if rank == 0 and export_model:
             target = Path(tmp) / MODEL_SUBDIR
-            engine.module.save_pretrained(target, state_dict=state_dict)
+            save_trained_model(engine.module, target, state_dict)  # with LoRA: merged, or the adapter
             load_processor(model_path).save_pretrained(target)
             (Path(tmp) / STATE_FILE).write_text(
                 json.dumps({"step": int(metrics.get("step", 0)), "final": True, "metrics": metrics})

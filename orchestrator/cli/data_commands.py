@@ -69,7 +69,27 @@ def _print_manifest(manifest: dict) -> None:
             f"  trained by {mode}",
             f"{share['trained']} ({share['instruction']:.1%} instruction, {share['response']:.1%} response)",
         )
+    _relevance_rows(table, manifest.get("relevance"))
     console.print(table)
+
+
+def _relevance_rows(table: Table, relevance: dict | None) -> None:
+    """The relevance stage's reference model, cost and per-segment distribution (prepared with data.relevance)."""
+    if not relevance:
+        return
+    table.add_row("relevance: reference model", str(relevance["reference_model"]))
+    table.add_row(
+        "relevance: scoring",
+        f"{relevance['rows_scored']} rows in {relevance['seconds']:.1f} s ({relevance['rows_per_s']} rows/s), "
+        f"V=∅ {relevance['null_image']}"
+        + (f", {relevance['rows_unscored']} unscored" if relevance["rows_unscored"] else ""),
+    )
+    for segment, entry in relevance["by_segment"].items():
+        quantiles = " ".join(f"{k} {v:+.2f}" for k, v in entry.items() if k.startswith("q"))
+        table.add_row(
+            f"  relevance: {segment}",
+            f"mean {entry['mean']:+.3f} ± {entry['std']:.3f} over {entry['tokens']} tokens; {quantiles}",
+        )
 
 
 @app.command("stats")
@@ -99,12 +119,12 @@ def data_inspect(
     """
     from transformers import AutoTokenizer
 
+    from orchestrator.encoding import encode_with_images
     from orchestrator.inputs import materialize_synthetic, resolve_model
     from orchestrator.inspection import training_encode_spec
     from workloads.conversations import ConversationError, parse_record
     from workloads.mask_inspect import inspect_rows, to_html, to_json, to_plain_text, to_rich_text
     from workloads.segment_codes import MASKING_MODES
-    from workloads.segments import encode_conversations
 
     cfg = load(config, overrides)
     mode = mode or cfg.masking.mode
@@ -113,7 +133,7 @@ def data_inspect(
     if fmt not in ("text", "html", "json"):
         fail("--format must be text, html or json")
     cfg = materialize_synthetic(cfg)  # the tiny preset's tokenizer (and the statistics) need the training data
-    model_dir = resolve_model(cfg)
+    model_dir, root = resolve_model(cfg), cfg.data.image_root  # images: each one's token count (families.py)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec, origin = training_encode_spec(cfg, model_dir)
     err.print(f"task templates: {len(spec.task_templates)} from {origin}", highlight=False)
@@ -130,13 +150,23 @@ def data_inspect(
         except ConversationError as error:
             err.print(f"[yellow]skipped[/yellow] {error} ({error.reason})")
     encoded = []
-    for conversation, row in zip(conversations, encode_conversations(conversations, tokenizer, spec)):
+    for conversation, row in zip(conversations, encode_with_images(conversations, tokenizer, spec, model_dir, root)):
         if isinstance(row, ConversationError):
             err.print(f"[yellow]skipped[/yellow] {row} ({row.reason})")
         else:
             encoded.append((conversation.id, row))
     m = cfg.masking
-    rows = inspect_rows(encoded, tokenizer, mode, m.lambda_instruction, m.lambda_response, m.weights.model_dump())
+    relevance = None
+    if cfg.data.relevance is not None:  # scored here as preparation's actors score them
+        from orchestrator.relevance import score_here
+
+        images = {c.id: c.images for c in conversations}
+        relevance = score_here(cfg, model_dir, [(i, row, images[i][: row.images_kept]) for i, row in encoded])
+    weights = (mode, m.lambda_instruction, m.lambda_response, m.weights.model_dump())
+    try:
+        rows = inspect_rows(encoded, tokenizer, *weights, relevance=relevance, visual=m.visual)
+    except ValueError as error:
+        fail(str(error))
     if fmt == "json":
         print(to_json(rows))
     elif fmt == "html":

@@ -1,0 +1,133 @@
+"""The training ingest's blocks: what `LoadRows` hands Ray Data is cheap to move and matches the processor.
+
+Without a Ray cluster: `LoadRows` is called as Ray Data calls it, and its output goes through Ray Data's own
+batch-to-block conversion, so a column that would be pickled row by row is caught here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+
+@pytest.fixture()
+def shards(tmp_path, tiny_model_dir):
+    """8 rows in one row group: rows 0-2 share one image, row 3's image is gone, rows 4-7 have their own."""
+    from transformers import AutoConfig
+
+    from workloads.model import num_image_tokens
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    image_id = getattr(config, "image_token_id", None) or config.image_token_index
+    count = num_image_tokens(config)
+    root = tmp_path / "images"
+    root.mkdir()
+    names = ["shared.png"] * 3 + ["gone.png"] + [f"own{i}.png" for i in range(4, 8)]
+    for i, name in enumerate(dict.fromkeys(names)):
+        if name != "gone.png":
+            Image.new("RGB", (40 + 8 * i, 32), (30 * i % 255, 90, 200)).save(root / name)
+    ids = [[1, *([image_id] * count), 5 + i, 6] for i in range(8)]
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(8)],
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "segments": pa.array([[1, *([3] * count), 4, 6]] * 8, pa.list_(pa.int8())),
+            "images": [[name] for name in names],
+            "length": [len(x) for x in ids],
+        }
+    )
+    folder = tmp_path / "prepared" / "shards"
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-0.parquet")
+    return tmp_path, root, table
+
+
+def _load(tiny_model_dir, tmp_path, root):
+    from orchestrator.ingest import LoadRows, read_prepared_rows
+    from orchestrator.prepare import PreparedData
+
+    rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
+    load = LoadRows(tiny_model_dir, str(tmp_path / "prepared" / "shards"), str(root))
+    return load, {k: np.array([c[k] for c in rows.chunks]) for k in rows.chunks[0]}
+
+
+def test_a_block_with_a_bad_row_keeps_pixel_values_a_tensor_column(shards, tiny_model_dir):
+    from ray.data.block import BlockAccessor
+
+    tmp_path, root, _ = shards
+    load, chunks = _load(tiny_model_dir, tmp_path, root)
+    out = load(chunks)
+    assert [bool(p) for p in out["problem"]] == [False, False, False, True, False, False, False, False]
+    assert out["pixel_values"][3].shape[0] == 0 and out["pixel_values"][0].shape[0] == 1
+    block = BlockAccessor.batch_to_block(out)
+    kind = str(block.schema.field("pixel_values").type).lower()
+    assert "tensor" in kind and "pickled" not in kind, kind
+    batch = BlockAccessor.for_block(block).to_numpy()
+    assert len(batch["pixel_values"]) == 8 and len(batch["pixel_values"][3]) == 0
+
+
+def test_rows_read_the_prepared_tokens_and_the_processor_s_pixels(shards, tiny_model_dir):
+    from transformers import AutoImageProcessor
+
+    tmp_path, root, table = shards
+    load, chunks = _load(tiny_model_dir, tmp_path, root)
+    calls = []
+    processor = load.processor
+
+    class Counting:  # the real processor, counted
+        def __call__(self, images, **kwargs):
+            calls.append(len(images))
+            return processor(images=images, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(processor, name)
+
+    load.processor = Counting()
+    out = load(chunks)
+    assert calls == [1] * 5, "the image rows 0-2 share is processed once; row 3 never reaches the processor"
+    reference = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    for i in (0, 2, 5):
+        image = Image.open(root / table.column("images")[i].as_py()[0]).convert("RGB")
+        expected = reference(images=[image], return_tensors="np")["pixel_values"].astype(np.float32)
+        np.testing.assert_array_equal(out["pixel_values"][i], expected)
+    for i in range(8):
+        assert out["input_ids"][i].dtype == np.int32 and out["segments"][i].dtype == np.int8
+        assert out["input_ids"][i].tolist() == table.column("input_ids")[i].as_py()
+        assert out["segments"][i].tolist() == table.column("segments")[i].as_py()
+
+
+def test_load_rows_keeps_one_loader_per_process_for_the_same_settings(shards, tiny_model_dir):
+    from orchestrator import ingest
+
+    tmp_path, root, _ = shards
+    _, chunks = _load(tiny_model_dir, tmp_path, root)
+    settings = {"model_dir": tiny_model_dir, "shards": str(tmp_path / "prepared" / "shards"), "image_root": str(root)}
+    owner = np.arange(8) % 2
+    first = ingest.load_rows(chunks, **settings, owner=owner, rank=1)
+    loader = ingest._LOADER[2]
+    again = ingest.load_rows(chunks, **settings, owner=owner.copy(), rank=1)  # an equal owner, as a task gets it
+    assert ingest._LOADER[2] is loader and first["row"] == again["row"] == [1, 3, 5, 7]
+    other = ingest.load_rows(chunks, **settings, owner=owner, rank=0)
+    assert ingest._LOADER[2] is not loader and other["row"] == [0, 2, 4, 6]
+    assert ingest.load_rows(chunks, **settings)["row"] == list(range(8))
+
+
+def test_read_units_are_cut_into_slices_that_keep_every_row_once():
+    from orchestrator.ingest import _slices
+
+    chunks = [
+        {"path": "a", "row_group": 0, "start": 0, "stop": 128, "first_row": 0},
+        {"path": "a", "row_group": 1, "start": 0, "stop": 50, "first_row": 128},
+        {"path": "b", "row_group": 0, "start": 128, "stop": 200, "first_row": 306},
+    ]
+    slices = _slices(chunks, 64)
+    assert [(s["path"], s["row_group"], s["start"], s["stop"], s["first_row"]) for s in slices] == [
+        ("a", 0, 0, 64, 0),
+        ("a", 0, 64, 128, 64),
+        ("a", 1, 0, 50, 128),
+        ("b", 0, 128, 192, 306),
+        ("b", 0, 192, 200, 370),
+    ]
