@@ -65,7 +65,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("question_id", pa.string()),
         ("kind", pa.string()),
         ("category", pa.string()),
-        ("image", pa.string()),
+        ("images", pa.list_(pa.string())),
         ("question", pa.string()),
         ("answer", pa.string()),
         ("references", pa.list_(pa.string())),

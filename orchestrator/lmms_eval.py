@@ -123,10 +123,10 @@ def make_adapter(model_dir: str, spec_kwargs: dict[str, Any], options: EvalConfi
             for context, gen_kwargs, doc_to_visual, doc_id, task, split in batch:
                 visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
                 key = f"{task}/{split}/{doc_id}"
-                if visuals:
-                    self.images[key] = visuals[0].convert("RGB")
+                paths = [f"{key}#{k}" for k in range(len(visuals))]
+                self.images.update({path: visual.convert("RGB") for path, visual in zip(paths, visuals)})
                 text = str(context).replace("<image>", "").strip() or "Describe the image."
-                rows.append(normalize_question({"question_id": key, "image": key if visuals else None, "text": text}))
+                rows.append(normalize_question({"question_id": key, "image": paths, "text": text}))
                 until = gen_kwargs.get("until") or []
                 stops.append([until] if isinstance(until, str) else list(until))
                 budgets.append(int(gen_kwargs.get("max_new_tokens") or options.max_new_tokens))

@@ -126,8 +126,10 @@ def test_captions_are_not_scored_per_sample_and_rows_without_answers_are_kept():
 def test_bad_question_rows_are_refused_with_their_position():
     with pytest.raises(QuestionError, match="question 3: no question text"):
         normalize_question({"question_id": 1, "answer": "x"}, 3)
-    with pytest.raises(QuestionError, match="no image"):
+    with pytest.raises(QuestionError, match="question 0: 1 <image> placeholder.s. in the text for 0 image"):
         normalize_question({"question_id": 1, "text": "<image>\nWhat?", "answer": "x"})
+    with pytest.raises(QuestionError, match="question 2: image must be a path or a list of paths"):
+        normalize_question({"question_id": 1, "text": "What?", "image": ["a.png", 3]}, 2)
     with pytest.raises(QuestionError, match="needs choices"):
         normalize_question({"question_id": 1, "text": "Which?", "answer": "x", "kind": "multiple_choice"})
     with pytest.raises(QuestionError, match="unique"):
@@ -316,9 +318,9 @@ def suite(tmp_path_factory):
 def test_synthetic_suite_is_held_out_and_covers_every_question_kind(suite, synthetic_data):
     questions, root = suite
     assert {q["kind"] for q in questions} == {"caption", "color", "shape", "count", "exists"}
-    assert all(Path(root, q["image"]).exists() for q in questions)
+    assert all(Path(root, q["images"][0]).exists() for q in questions)
     train_images = {json.loads(line)["image"] for line in Path(synthetic_data.train_file).read_text().splitlines()}
-    assert not train_images & {q["image"] for q in questions}
+    assert not train_images & {q["images"][0] for q in questions}
     assert all(q["objects"] and q["answer"] for q in questions)
 
 
@@ -373,11 +375,11 @@ def test_null_images_beam_search_and_awkward_rows(tiny, suite):
     questions, root = suite
     rows = questions[:4] + [
         normalize_question(
-            {"question_id": "no-answer", "image": questions[0]["image"], "text": "What color is the shape?"}
+            {"question_id": "no-answer", "image": questions[0]["images"][0], "text": "What color is the shape?"}
         ),
         normalize_question({"question_id": "text-only", "text": "Say yes.", "answer": "yes"}),
         normalize_question(
-            {"question_id": "too-long", "image": questions[0]["image"], "text": "Look. " * 200, "answer": "yes"}
+            {"question_id": "too-long", "image": questions[0]["images"][0], "text": "Look. " * 200, "answer": "yes"}
         ),
         normalize_question(
             {"question_id": "missing-image", "image": "images/not-there.png", "text": "What?", "answer": "yes"}

@@ -67,7 +67,7 @@ def test_image_token_counts_are_what_transformers_expands_each_image_to(family_m
     family, model_dir = family_model
     model, _, image_processor = loaded
     counter = ImageTokenCounter(model.config, image_processor)
-    processor = AutoProcessor.from_pretrained(model_dir) if family != "qwen2_vl" else None  # needs torchvision
+    processor = None if family.startswith("qwen2") else AutoProcessor.from_pretrained(model_dir)  # torchvision
     counts = {}
     for width, height in SIZES:
         image = Image.new("RGB", (width, height), (200, 30, 30))
@@ -116,7 +116,7 @@ def test_multi_image_rows_segment_each_image_by_its_own_count(family_model, load
     assert (row.input_ids[is_image] == model.config.image_token_id).all()
     starts = np.flatnonzero(np.diff(np.concatenate([[0], is_image.astype(int)])) == 1)
     assert len(starts) == 2 and (row.input_ids[starts[1] : starts[1] + counts[1]] == model.config.image_token_id).all()
-    if family == "qwen2_vl":  # each image's pad tokens between <|vision_start|> and <|vision_end|>, both ROLE
+    if family.startswith("qwen2"):  # each image's pad tokens between <|vision_start|> and <|vision_end|>, both ROLE
         opening, closing = (tokenizer.convert_tokens_to_ids(t) for t in IMAGE_WRAPS["<|image_pad|>"])
         assert (row.input_ids[starts - 1] == opening).all() and (row.segments[starts - 1] == int(Segment.ROLE)).all()
         assert row.input_ids[starts[0] + counts[0]] == closing
@@ -242,6 +242,44 @@ def test_each_family_evaluates_with_every_null_image(family_model, loaded, synth
     assert {"accuracy", "vc_mean", "vc_sum"} <= set(metrics) and math.isfinite(metrics["vc_mean"])
     if null_image != "none":  # a V=∅ that differs from the image changes the score
         assert any(abs(s.vc_sum) > 0 for s in samples if s.answer)
+
+
+def test_each_family_evaluates_multi_image_questions(family_model, loaded, synthetic_data, tmp_path):
+    """Questions with two images of different sizes are answered and scored; each image reaches its own
+    question in a mixed batch (a question scores the same alone), and their order matters."""
+    from workloads.eval_questions import QuestionError, normalize_question
+    from workloads.evaluator import Evaluator
+    from workloads.families import FAMILIES
+
+    family, _ = family_model
+    model, tokenizer, image_processor = loaded
+    first = json.loads(Path(synthetic_data.eval_file).read_text().splitlines()[0])["image"]
+    small = Image.open(Path(synthetic_data.image_root, first)).convert("RGB")
+    small.save(tmp_path / "a.png")
+    small.resize((64, 64)).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "b.png")
+    both = "<image>\nSame color as\n<image>?"
+    rows = [
+        {"question_id": "two", "image": ["a.png", "b.png"], "text": both, "answer": "yes"},
+        {"question_id": "bare", "image": ["a.png", "b.png"], "text": "Same color?", "answer": "no"},
+        {"question_id": "swapped", "image": ["b.png", "a.png"], "text": both, "answer": "yes"},
+        {"question_id": "one", "image": "a.png", "text": "What color is it?", "answer": "red"},
+    ]
+    questions = [normalize_question(r, i) for i, r in enumerate(rows)]
+    assert questions[0]["images"] == ["a.png", "b.png"] and questions[3]["images"] == ["a.png"]
+    evaluator = Evaluator(
+        model, tokenizer, image_processor, _spec(model, FAMILIES[family].chat_template), image_root=tmp_path,
+        max_new_tokens=3,
+    )  # fmt: skip
+    samples = evaluator(questions)
+    assert not any(s.error for s in samples), [s.error for s in samples]
+    assert all(math.isfinite(s.vc_sum) and s.vc_sum != 0 for s in samples)
+    assert samples[0].images == ["a.png", "b.png"]
+    (alone,) = evaluator([questions[0]])
+    assert alone.logp_with_image == pytest.approx(samples[0].logp_with_image, rel=1e-4, abs=1e-4)
+    assert alone.logp_null_image == pytest.approx(samples[0].logp_null_image, rel=1e-4, abs=1e-4)
+    assert samples[2].logp_with_image != pytest.approx(samples[0].logp_with_image, rel=1e-6, abs=1e-6)
+    with pytest.raises(QuestionError, match="question 7: 1 <image> placeholder"):
+        normalize_question({"question_id": "x", "image": ["a.png", "b.png"], "text": "<image> which?"}, 7)
 
 
 def test_tinyllava_3b_composes_phi_and_siglip_and_trains_on_the_phi_template(tmp_path):

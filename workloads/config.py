@@ -156,7 +156,8 @@ class TinyModelConfig(_Strict):
 
     family: Literal[TINY_FAMILIES] = "llava"
     """Model family (workloads/families.py): `llava` (a fixed token count per image), `llava_next` (AnyRes
-    tiles: the count depends on the image's size) or `qwen2_vl` (dynamic resolution, M-RoPE)."""
+    tiles: the count depends on the image's size), `qwen2_vl` (dynamic resolution, M-RoPE) or `qwen2_5_vl`
+    (Qwen2-VL with a window-attention tower)."""
     image_size: int = 32
     """Input image side in pixels."""
     patch_size: int = 8

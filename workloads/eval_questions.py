@@ -2,7 +2,7 @@
 
 Questions are LLaVA-style evaluation rows (one JSON object per line)::
 
-    {"question_id": ..., "image": "path/relative/to/image_root.jpg",
+    {"question_id": ..., "image": "path/relative/to/image_root.jpg",   # or a list of paths
      "text": "What is the man holding?\\nAnswer the question using a single word or phrase.",
      "answer": "frisbee"                        # one reference, or
      "answers": ["frisbee", "disc", ...]        # VQAv2-style lists (strings or {"answer": ...}), or
@@ -14,7 +14,9 @@ Questions are LLaVA-style evaluation rows (one JSON object per line)::
 
 ``text`` may also be called ``question`` or ``prompt``; it is used verbatim
 (multiple-choice rows must list their options in it, as LLaVA's files do), and
-``<image>\\n`` is prepended when the row has an image and no placeholder.
+``<image>\\n`` is prepended (once per image) when the row has images and no
+placeholder; a row with placeholders must have one per image, in order (as
+training rows do). Normalized rows list their images in ``images``.
 A row without any reference is still answered (its prediction is written) but
 neither scored nor used for VC.
 
@@ -84,13 +86,13 @@ def normalize_question(row: dict, position: int = 0, default_kind: str | None = 
     text = next((row[k] for k in TEXT_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
     if text is None:
         raise QuestionError(f"question {position}: no question text (one of {TEXT_KEYS})")
-    image = row.get("image")
-    if isinstance(image, list):
-        if len(image) > 1:
-            raise QuestionError(f"question {position}: one image per question is supported, got {len(image)}")
-        image = image[0] if image else None
-    if not image and IMAGE_PLACEHOLDER in text:
-        raise QuestionError(f"question {position}: {IMAGE_PLACEHOLDER} in the text but no image")
+    images = _image_list(row.get("image", row.get("images")), position)
+    placeholders = text.count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(images):
+        raise QuestionError(
+            f"question {position}: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text "
+            f"for {len(images)} image(s)"
+        )
     references = _reference_list(row)
     choices = row.get("choices", row.get("options"))
     if choices is not None:
@@ -104,7 +106,7 @@ def normalize_question(row: dict, position: int = 0, default_kind: str | None = 
     objects = row.get("objects")
     return {
         "question_id": str(row.get("question_id", row.get("id", position))),
-        "image": str(image) if image else None,
+        "images": images,
         "text": text,
         "answer": primary_answer(row, references),
         "references": references,
@@ -113,6 +115,16 @@ def normalize_question(row: dict, position: int = 0, default_kind: str | None = 
         "objects": [str(o) for o in objects] if objects is not None else None,
         "category": None if row.get("category") is None else str(row["category"]),
     }
+
+
+def _image_list(value, position: int) -> list[str]:
+    """A question's images: one path, a list of paths, or none."""
+    if value is None or value == "":
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v.strip() for v in values):
+        raise QuestionError(f"question {position}: image must be a path or a list of paths, got {value!r}")
+    return [str(v) for v in values]
 
 
 def parse_question_lines(
@@ -191,7 +203,7 @@ def question_prompt(row: dict) -> Conversation:
     """A question row as a conversation of its user turn alone: what the generation prompt is
     rendered from (chat_templates.render_prompt_spans), so that it never depends on an answer."""
     text = row["text"]
-    images = (row["image"],) if row.get("image") else ()
+    images = tuple(row["images"])
     if images and IMAGE_PLACEHOLDER not in text:
-        text = f"{IMAGE_PLACEHOLDER}\n{text}"
+        text = f"{IMAGE_PLACEHOLDER}\n" * len(images) + text
     return Conversation(id=str(row["question_id"]), turns=(Turn("user", text),), images=images)

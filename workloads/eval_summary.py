@@ -137,7 +137,8 @@ class SampleResult:
     choices: list[str] | None = None
     objects: list[str] | None = None
     category: str | None = None
-    image: str | None = None
+    images: list[str] | None = None
+    """The question's images, in order (None: a text-only question)."""
     error: str | None = None
     """Why the row was not evaluated (e.g. no_trained_tokens when it does not fit max_length)."""
 

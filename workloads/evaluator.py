@@ -56,6 +56,12 @@ def _noise(shape: tuple[int, ...], seed: int, question_id: str) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
+def _image_keys(row: dict) -> list[str]:
+    """What seeds each image's V=∅ noise: the question id (its first image), then id#k."""
+    qid = str(row["question_id"])
+    return [qid if k == 0 else f"{qid}#{k}" for k in range(len(row["images"]))]
+
+
 def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
     length = max(len(r) for r in rows)
     out = np.full((len(rows), length), value, dtype=np.int64)
@@ -206,13 +212,13 @@ class Evaluator:
         out["pixel_values"] = out["pixel_values"].to(param.dtype)
         return out
 
-    def _null_pixels(self, images: dict[str, torch.Tensor], question_ids: list[str]) -> dict[str, torch.Tensor]:
-        """V=∅ for each image of `images` (noise seeded per question, or blank), in its own pixel layout."""
+    def _null_pixels(self, images: dict[str, torch.Tensor], image_keys: list[str]) -> dict[str, torch.Tensor]:
+        """V=∅ for each image of `images` (noise seeded per image key, or blank), in its own pixel layout."""
         pixels = images["pixel_values"]
         if self.null_image == "blank":
             return {**images, "pixel_values": torch.zeros_like(pixels)}
         rows = pixel_rows({k: v.cpu().numpy() for k, v in images.items()}).tolist()
-        parts = [_noise(tuple(p.shape), self.seed, q) for p, q in zip(torch.split(pixels, rows), question_ids)]
+        parts = [_noise(tuple(p.shape), self.seed, key) for p, key in zip(torch.split(pixels, rows), image_keys)]
         return {**images, "pixel_values": torch.cat(parts).to(pixels)}
 
     @torch.no_grad()
@@ -223,13 +229,13 @@ class Evaluator:
         results: list[SampleResult | None] = [None] * len(questions)
         images, counts = {}, [None] * len(questions)
         for i, q in enumerate(questions):
-            if q.get("image"):
+            if q["images"]:
                 try:
-                    images[i] = self.open_image(q["image"])
+                    images[i] = [self.open_image(path) for path in q["images"]]
                 except (OSError, ValueError):  # missing or unreadable: this row fails, not the batch
                     results[i] = _failed(q, "unreadable_image")
                     continue
-                counts[i] = self.counter.counts([images[i].size])
+                counts[i] = self.counter.counts([image.size for image in images[i]])
         tokens = None if self.counter.family.fixed_image_tokens else counts
         conversations = [question_conversation(q) for q in questions]
         encoded = encode_conversations(conversations, self.tokenizer, self.spec, image_tokens=tokens)
@@ -240,7 +246,7 @@ class Evaluator:
                 continue
             if isinstance(e, ConversationError) or isinstance(p, ConversationError):
                 results[i] = _failed(q, (e if isinstance(e, ConversationError) else p).reason)
-            elif q.get("image") and e.images_kept < 1:
+            elif e.images_kept < len(q["images"]):
                 results[i] = _failed(q, "image_truncated")
             else:
                 kept.append(i)
@@ -250,7 +256,7 @@ class Evaluator:
                 [encoded[i] for i in kept],
                 [prompts[i] for i in kept],
                 rows,
-                [images[i] for i in kept if i in images],
+                [image for i in kept for image in images.get(i, ())],
                 device,
             )
             for i, sample in zip(kept, samples):
@@ -260,7 +266,7 @@ class Evaluator:
     def _score(self, encoded: list, prompts: list, rows: list[dict], images: list, device) -> list[SampleResult]:
         """Generation from `prompts` (question only); teacher-forced scores from `encoded` (answered rows)."""
         model, tokenizer = self.model, self.tokenizer
-        has_image = [bool(r.get("image")) for r in rows]
+        has_image = [bool(r["images"]) for r in rows]
         pixels = self._pixels(images)
         ids = [e.input_ids.astype(np.int64) for e in encoded]
         segments = [e.segments.astype(np.int64) for e in encoded]
@@ -295,7 +301,7 @@ class Evaluator:
                 null_segments = [s[k] for s, k in zip(segments, keep)]
                 logp_null, _ = _response_logp(model, null_ids, null_segments, {}, self.pad_id, device)
             else:
-                null = self._null_pixels(pixels, [str(r["question_id"]) for r in rows if r.get("image")])
+                null = self._null_pixels(pixels, [key for r in rows for key in _image_keys(r)])
                 logp_null, _ = _response_logp(model, ids, segments, null, self.pad_id, device)
 
         samples = []
@@ -321,7 +327,7 @@ class Evaluator:
                     choices=row.get("choices"),
                     objects=row.get("objects"),
                     category=row.get("category"),
-                    image=row.get("image"),
+                    images=row["images"] or None,
                 )
             )
         return samples
@@ -344,7 +350,7 @@ def _failed(row: dict, reason: str) -> SampleResult:
         choices=row.get("choices"),
         objects=row.get("objects"),
         category=row.get("category"),
-        image=row.get("image"),
+        images=row["images"] or None,
         error=reason,
     )
 

@@ -36,7 +36,7 @@ import numpy as np
 
 FAMILY_NAMES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 """Families l2t trains, by the `model_type` of the checkpoint's config.json."""
-TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl")
+TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 """Families the tiny preset builds (`model.tiny.family`)."""
 
 

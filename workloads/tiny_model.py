@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialized LLaVA (or LLaVA-NeXT, or Qwen2-VL) that loads like a hub checkpoint.
+"""Build a tiny, randomly initialized LLaVA (or LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL) that loads like a hub checkpoint.
 
 No weights can be downloaded here, yet the training loop, the data pipeline and
 the evaluation must be tested against the real transformers classes and the real
@@ -16,7 +16,8 @@ above), `llava_next` (the same CLIP tower and LM in a
 tiles and a ``LlavaNextProcessor``) or `qwen2_vl` (a
 ``Qwen2VLForConditionalGeneration``: its own patch-merging vision tower, an
 M-RoPE LM, a ``Qwen2VLProcessor`` whose resizing keeps images between one
-merged patch and twice ``image_size`` a side).
+merged patch and twice ``image_size`` a side) or `qwen2_5_vl` (the same in a
+``Qwen2_5_VLForConditionalGeneration``, whose tower uses window attention).
 
 Two choices come from measurements on this tiny shape:
 ``vision_feature_layer=-1``, because a 2-layer tower's penultimate layer kept
@@ -28,6 +29,7 @@ CLS dropped ("default"); its tiles then take (image_size / patch_size)**2 each.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -170,30 +172,43 @@ def _llava_next(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
     return LlavaNextForConditionalGeneration(config), processor
 
 
-def _qwen2_vl(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _qwen2_vl(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int], family: str = "qwen2_vl"):
+    """Qwen2-VL, or with `family="qwen2_5_vl"` Qwen2.5-VL: its tower's RMSNorm / SwiGLU blocks, window
+    attention over windows of 2x2 merged patches, full attention in the last block."""
+    import transformers
 
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_TOKENS)})
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
     head_dim = spec.text_hidden // spec.text_heads
     if head_dim % 8:
-        raise ValueError(f"qwen2_vl: text_hidden / text_heads = {head_dim} must be a multiple of 8 (M-RoPE sections)")
+        raise ValueError(f"{family}: text_hidden / text_heads = {head_dim} must be a multiple of 8 (M-RoPE sections)")
     quarter = head_dim // 8  # M-RoPE splits each head's rotary half into temporal, height and width sections
     text = _text_config(spec, len(tokenizer), special_ids).to_dict()
     text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [
         2 * quarter, quarter, quarter]})  # fmt: skip
     merge = 2
-    config = Qwen2VLConfig(
+    vision = dict(
+        depth=spec.vision_layers,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        spatial_merge_size=merge,
+        temporal_patch_size=2,
+    )
+    if family == "qwen2_5_vl":
+        vision.update(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_hidden * 4,
+            out_hidden_size=spec.text_hidden,
+            window_size=2 * spec.patch_size * merge,
+            fullatt_block_indexes=[spec.vision_layers - 1],
+        )
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision.update(embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden)
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    config = config_class(
         text_config={k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version")},
-        vision_config=dict(
-            depth=spec.vision_layers,
-            embed_dim=spec.vision_hidden,
-            hidden_size=spec.text_hidden,
-            num_heads=spec.vision_heads,
-            patch_size=spec.patch_size,
-            spatial_merge_size=merge,
-            temporal_patch_size=2,
-        ),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -209,14 +224,14 @@ def _qwen2_vl(spec: TinyModelConfig, tokenizer, special_ids: dict[str, int]):
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
-    return Qwen2VLForConditionalGeneration(config), _qwen2_vl_processor(image_processor, tokenizer)
+    return model_class(config), _qwen2_vl_processor(image_processor, tokenizer, family)
 
 
-def _qwen2_vl_processor(image_processor, tokenizer):
+def _qwen2_vl_processor(image_processor, tokenizer, family: str):
     """A `Qwen2VLProcessor` where torchvision is installed; else the image processor alone: the processor's
     constructor demands a video processor, which needs torchvision. l2t loads a model's tokenizer and image
     processor apart (AutoTokenizer, AutoImageProcessor) for every family, so the folder serves it either way."""
-    from transformers import Qwen2VLProcessor
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
 
     try:
         from transformers import Qwen2VLVideoProcessor
@@ -224,10 +239,16 @@ def _qwen2_vl_processor(image_processor, tokenizer):
         video_processor = Qwen2VLVideoProcessor(patch_size=image_processor.patch_size, merge_size=2)
     except ImportError:
         return image_processor
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
+    processor_class = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
 
 
-_BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl}
+_BUILDERS = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": functools.partial(_qwen2_vl, family="qwen2_5_vl"),
+}
 
 
 def build_tiny_model(
