@@ -38,7 +38,14 @@ from orchestrator import layout, storage
 from orchestrator.cluster import cluster_cpus, cpus_per_worker
 from orchestrator.config import ExperimentConfig, resolve_repo_path, with_overrides
 from orchestrator.images import open_image
-from orchestrator.ingest import PreparedRows, dataset_name, rank_datasets, read_prepared_rows, training_dataset
+from orchestrator.ingest import (
+    LIGHT_TASK_CPUS,
+    PreparedRows,
+    dataset_name,
+    rank_datasets,
+    read_prepared_rows,
+    training_dataset,
+)
 from orchestrator.prepare import PreparedData
 from orchestrator.steps import stable_hash
 from workloads.batching import LENGTH_GROUP_STEPS, BatchPlan, ordered_micro_batches
@@ -311,9 +318,8 @@ def run_train(
     if dataset is None and not materialize:
         loop_config["resume_stream"] = {"prepared": prepared.path, "load": load, "chunks": rows.chunks}
     callbacks = [_metrics_logger(log_uri, total_steps, run_name, live_metrics), *(callbacks or [])]
-    trainer = _trainer(
-        cfg, run_name, worker_cpus, loop_config, rank_datasets(plan, make_dataset, shared=dataset), callbacks
-    )
+    datasets = rank_datasets(plan, make_dataset, shared=dataset)
+    trainer = _trainer(cfg, run_name, worker_cpus, loop_config, datasets, callbacks, shared=dataset is not None)
     with _progress(log_uri, total_steps, run_name):
         result = trainer.fit()
     if result.checkpoint is None:
@@ -332,11 +338,31 @@ def run_train(
 
 
 def _trainer(
-    cfg: ExperimentConfig, run_name: str, worker_cpus: float, loop_config: dict, datasets: dict, callbacks: list
+    cfg: ExperimentConfig,
+    run_name: str,
+    worker_cpus: float,
+    loop_config: dict,
+    datasets: dict,
+    callbacks: list,
+    shared: bool = False,
 ):
-    """The TorchTrainer of one fit: gloo or NCCL workers, run folder under `runs/`, failures and checkpoints."""
+    """The TorchTrainer of one fit: gloo or NCCL workers, run folder under `runs/`, failures and checkpoints.
+
+    `shared`: the rank datasets only select rows of a materialized dataset (a sweep's trials). Each is then
+    held to one row-selecting task at a time, the share `sweep.trial_layout` budgets for it: unbounded, Ray
+    Data fills every CPU the cluster has free with such tasks, and a concurrent trial's evaluation actor
+    (or its workers) can wait behind them as long as this trial trains."""
     import ray.train
+    from ray.data import ExecutionResources
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    execution_options = None
+    if shared:
+        execution_options = {}
+        for name in datasets:
+            options = ray.train.DataConfig.default_ingest_options()  # this context's (preserve_order)
+            options.resource_limits = ExecutionResources.for_limits(cpu=LIGHT_TASK_CPUS)
+            execution_options[name] = options
 
     train = cfg.train
     fs, fs_path = storage.filesystem(layout.runs_dir(cfg.storage.path))
@@ -358,7 +384,7 @@ def _trainer(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=execution_options),
     )
 
 

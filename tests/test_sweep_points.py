@@ -50,3 +50,28 @@ def test_sweep_name_is_stable_and_ignores_where_results_go(tmp_path):
     b = experiment_config(tmp_path / "b", sweep={"lambda_instruction": [0, 1]}, tracking={"uri": "http://x"})
     c = experiment_config(tmp_path / "a", sweep={"lambda_instruction": [0, 2]})
     assert sweep_name(a) == sweep_name(b) != sweep_name(c)
+
+
+def test_a_trials_row_selection_is_held_to_the_cpu_share_its_layout_budgets(tmp_path):
+    """A sweep trial's rank datasets only select rows of the shared materialized dataset: each may run one
+    LIGHT_TASK_CPUS task at a time (trial_layout budgets that much per rank), so Ray Data can't fill the
+    CPUs a concurrent trial's evaluation actor waits for; a fit that loads its own images is not limited."""
+    from orchestrator.ingest import LIGHT_TASK_CPUS
+    from orchestrator.train import _trainer
+
+    from ray.data import DataContext
+
+    cfg = experiment_config(tmp_path)
+    datasets = {"train_rank0": object(), "train_rank1": object()}
+    options = DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True  # as run_train sets it
+    try:
+        shared = _trainer(cfg, "run", 0.44, {}, datasets, [], shared=True)
+    finally:
+        options.preserve_order = before
+    for name in datasets:
+        options = shared.data_config._resolve_execution_options(name)
+        assert options.resource_limits.cpu == LIGHT_TASK_CPUS
+        assert options.preserve_order  # run_train's context setting carries over
+    alone = _trainer(cfg, "run", 0.44, {}, datasets, [])
+    assert alone.data_config._resolve_execution_options("train_rank0").resource_limits.cpu == float("inf")
