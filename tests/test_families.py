@@ -153,7 +153,8 @@ def test_a_row_whose_placeholders_and_images_disagree_is_quarantined_with_its_re
 
 def _training_rows(family: str, model, tokenizer, image_processor, synthetic_data, n: int = 16) -> list[dict]:
     """Encoded rows with their image inputs, as the ingest hands them to a worker: the synthetic rows, and
-    every fourth one with a second image of another size (a multi-image row)."""
+    every fourth one with a second image of another size (a multi-image row). Each row's PIL images are in
+    `_images` (not a model input)."""
     from workloads.conversations import Conversation, Turn, parse_record
     from workloads.families import FAMILIES
     from workloads.segments import encode_conversations
@@ -177,9 +178,9 @@ def _training_rows(family: str, model, tokenizer, image_processor, synthetic_dat
     encoded = encode_conversations(conversations, tokenizer, spec, image_tokens=counts)
     inputs = [image_inputs(image_processor, row) for row in images]  # row by row, as the ingest processes them
     rows = []
-    for row, pixels in zip(encoded, inputs):
+    for row, pixels, pil in zip(encoded, inputs, images):
         assert row.images_kept == len(pixels.get("image_grid_thw", pixels["pixel_values"]))
-        rows.append({"input_ids": row.input_ids, "segments": row.segments, **pixels})
+        rows.append({"input_ids": row.input_ids, "segments": row.segments, **pixels, "_images": pil})
     return rows
 
 
@@ -207,7 +208,7 @@ def test_each_family_takes_a_training_step_on_single_and_multi_image_rows(
     def epoch_batches(epoch, skip):
         for start in range(skip * 4, len(rows), 4):
             chunk = rows[start : start + 4]
-            yield {key: [r[key] for r in chunk] for key in chunk[0]}
+            yield {key: [r[key] for r in chunk] for key in chunk[0] if key != "_images"}
 
     metrics = run_training(
         cfg,
@@ -280,6 +281,29 @@ def test_each_family_evaluates_multi_image_questions(family_model, loaded, synth
     assert samples[2].logp_with_image != pytest.approx(samples[0].logp_with_image, rel=1e-6, abs=1e-6)
     with pytest.raises(QuestionError, match="question 7: 1 <image> placeholder"):
         normalize_question({"question_id": "x", "image": ["a.png", "b.png"], "text": "<image> which?"}, 7)
+
+
+def test_each_family_scores_instruction_relevance_with_its_own_image_inputs(family_model, loaded, synthetic_data):
+    """The relevance stage's two passes take each family's image grid (and Qwen2-VL's token types): finite
+    r_t on instruction-side tokens only, the same for a row scored alone as in a batch with others."""
+    from workloads.segment_codes import INSTRUCTION_SEGMENTS
+    from workloads.visual_relevance import RelevanceScorer, RowToScore
+
+    family, _ = family_model
+    model, tokenizer, image_processor = loaded
+    rows = _training_rows(family, model, tokenizer, image_processor, synthetic_data, n=6)
+    to_score = [RowToScore(f"r{i}", r["input_ids"], r["segments"], r["_images"]) for i, r in enumerate(rows)]
+    assert len(to_score[0].images) == 2  # a two-image row among one-image rows
+    scorer = RelevanceScorer(model, image_processor, pad_token_id=tokenizer.pad_token_id or 0)
+    batch = scorer(to_score)
+    for row, relevance in zip(to_score, batch):
+        instruction_side = np.isin(row.segments, [int(s) for s in INSTRUCTION_SEGMENTS])
+        assert relevance.shape == row.segments.shape and np.isfinite(relevance).all()
+        assert not relevance[~instruction_side].any()
+    assert any(np.abs(r).max() > 0 for r in batch), "a random model's image still moves its predictions"
+    for row, relevance in zip(to_score[:2], batch[:2]):
+        (alone,) = scorer([row])
+        np.testing.assert_allclose(alone.astype(np.float32), relevance.astype(np.float32), atol=2e-3)
 
 
 def test_tinyllava_3b_composes_phi_and_siglip_and_trains_on_the_phi_template(tmp_path):

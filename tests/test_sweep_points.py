@@ -56,10 +56,10 @@ def test_a_trials_row_selection_is_held_to_the_cpu_share_its_layout_budgets(tmp_
     """A sweep trial's rank datasets only select rows of the shared materialized dataset: each may run one
     LIGHT_TASK_CPUS task at a time (trial_layout budgets that much per rank), so Ray Data can't fill the
     CPUs a concurrent trial's evaluation actor waits for; a fit that loads its own images is not limited."""
+    from ray.data import DataContext
+
     from orchestrator.ingest import LIGHT_TASK_CPUS
     from orchestrator.train import _trainer
-
-    from ray.data import DataContext
 
     cfg = experiment_config(tmp_path)
     datasets = {"train_rank0": object(), "train_rank1": object()}

@@ -56,10 +56,25 @@ def _noise(shape: tuple[int, ...], seed: int, question_id: str) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def _image_keys(row: dict) -> list[str]:
-    """What seeds each image's V=∅ noise: the question id (its first image), then id#k."""
-    qid = str(row["question_id"])
-    return [qid if k == 0 else f"{qid}#{k}" for k in range(len(row["images"]))]
+def image_keys(row_id: str, images: int) -> list[str]:
+    """What seeds each image's V=∅ noise: the row's (question's) id for its first image, then id#k."""
+    return [row_id if k == 0 else f"{row_id}#{k}" for k in range(images)]
+
+
+def null_image_inputs(images: dict[str, torch.Tensor], null_image: str, seed: int, keys: list[str]) -> dict:
+    """V=∅ for each image of the forward's image inputs `images` (noise seeded per key of `image_keys`, or
+    blank), in its own pixel layout (LLaVA-NeXT's tiles, Qwen2-VL's patches); the image grid is kept."""
+    pixels = images["pixel_values"]
+    if null_image == "blank":
+        return {**images, "pixel_values": torch.zeros_like(pixels)}
+    rows = pixel_rows({k: v.cpu().numpy() for k, v in images.items()}).tolist()
+    parts = [_noise(tuple(p.shape), seed, key) for p, key in zip(torch.split(pixels, rows), keys)]
+    return {**images, "pixel_values": torch.cat(parts).to(pixels)}
+
+
+def with_token_types(images: dict[str, torch.Tensor], is_image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Qwen2-VL's M-RoPE finds each image's tokens by `mm_token_type_ids` (1 on image tokens)."""
+    return {**images, "mm_token_type_ids": is_image.int()} if "image_grid_thw" in images else images
 
 
 def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
@@ -73,11 +88,6 @@ def _pad(rows: list[np.ndarray], value: int, left: bool) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _with_token_types(images: dict[str, torch.Tensor], is_image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Qwen2-VL's M-RoPE finds each image's tokens by `mm_token_type_ids` (1 on image tokens)."""
-    return {**images, "mm_token_type_ids": is_image.int()} if "image_grid_thw" in images else images
-
-
 @torch.no_grad()
 def _response_logp(
     model, ids: list[np.ndarray], segments: list[np.ndarray], images: dict, pad_id: int, device
@@ -86,7 +96,7 @@ def _response_logp(
     input_ids = _pad(ids, pad_id, left=False).to(device)
     segs = _pad(segments, int(Segment.PAD), left=False).to(device)
     attention = (segs != int(Segment.PAD)).long()
-    images = _with_token_types(images, segs == int(Segment.IMAGE))
+    images = with_token_types(images, segs == int(Segment.IMAGE))
     logits = model(input_ids=input_ids, attention_mask=attention, **images).logits
     nll = token_nll(logits, input_ids)
     is_response = (segs[:, 1:] == int(Segment.RESPONSE)).float()
@@ -212,15 +222,6 @@ class Evaluator:
         out["pixel_values"] = out["pixel_values"].to(param.dtype)
         return out
 
-    def _null_pixels(self, images: dict[str, torch.Tensor], image_keys: list[str]) -> dict[str, torch.Tensor]:
-        """V=∅ for each image of `images` (noise seeded per image key, or blank), in its own pixel layout."""
-        pixels = images["pixel_values"]
-        if self.null_image == "blank":
-            return {**images, "pixel_values": torch.zeros_like(pixels)}
-        rows = pixel_rows({k: v.cpu().numpy() for k, v in images.items()}).tolist()
-        parts = [_noise(tuple(p.shape), self.seed, key) for p, key in zip(torch.split(pixels, rows), image_keys)]
-        return {**images, "pixel_values": torch.cat(parts).to(pixels)}
-
     @torch.no_grad()
     def __call__(self, questions: Sequence[dict]) -> list[SampleResult]:
         """One result per question, in order (failed rows carry `error`)."""
@@ -277,7 +278,7 @@ class Evaluator:
         generated = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
-            **_with_token_types(pixels, (prompt_ids == image_id) & (prompt_mask > 0)),
+            **with_token_types(pixels, (prompt_ids == image_id) & (prompt_mask > 0)),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             num_beams=self.num_beams,
@@ -301,7 +302,8 @@ class Evaluator:
                 null_segments = [s[k] for s, k in zip(segments, keep)]
                 logp_null, _ = _response_logp(model, null_ids, null_segments, {}, self.pad_id, device)
             else:
-                null = self._null_pixels(pixels, [key for r in rows for key in _image_keys(r)])
+                keys = [key for r in rows for key in image_keys(str(r["question_id"]), len(r["images"]))]
+                null = null_image_inputs(pixels, self.null_image, self.seed, keys)
                 logp_null, _ = _response_logp(model, ids, segments, null, self.pad_id, device)
 
         samples = []

@@ -207,10 +207,12 @@ class RelevanceScorer:
         pad = model.config.get_text_config().pad_token_id or 0
         return cls(model, AutoImageProcessor.from_pretrained(model_dir), pad_token_id=pad, **options)
 
-    def _token_logp(self, ids: list[np.ndarray], segments: list[np.ndarray], pixel_values) -> list[np.ndarray]:
-        """log p(token t | prefix) per row (index 0 is 0), computed at instruction-side targets only."""
+    def _token_logp(self, ids: list[np.ndarray], segments: list[np.ndarray], images: dict) -> list[np.ndarray]:
+        """log p(token t | prefix) per row (index 0 is 0), computed at instruction-side targets only;
+        `images`: the forward's image inputs (pixel values and the family's grid; {} for none)."""
         import torch
 
+        from workloads.evaluator import with_token_types
         from workloads.forward import training_nll
         from workloads.loss import part_masks
 
@@ -223,33 +225,31 @@ class RelevanceScorer:
             segs[i, : len(row_segments)] = torch.as_tensor(row_segments.astype(np.int64))
         scored = torch.nonzero(part_masks(segs[:, 1:])[0].reshape(-1)).squeeze(1)
         inputs = {"input_ids": input_ids.to(device), "attention_mask": (segs != int(Segment.PAD)).long().to(device)}
-        if pixel_values is not None:
-            inputs["pixel_values"] = pixel_values
+        if images:
+            placed = with_token_types(images, segs == int(Segment.IMAGE))
+            inputs.update({k: v.to(device) for k, v in placed.items()})
         kernel = "chunked" if getattr(self.model, "base_model", self.model) is not self.model else "full"
         with torch.no_grad():
             nll = training_nll(self.model, scored_index=scored.to(device), kernel=kernel, chunk_tokens=1024, **inputs)
         logp = torch.nn.functional.pad(-nll.float(), (1, 0)).cpu().numpy()
         return [logp[i, : len(row_ids)] for i, row_ids in enumerate(ids)]
 
-    def _pixels(self, images: list):
+    def _pixels(self, images: list) -> dict:
+        """The forward's image inputs for `images`: pixel values in the model's dtype and the family's grid."""
         import torch
 
-        if not images:
-            return None
+        from workloads.families import image_inputs
+
         param = next(self.model.parameters())
-        values = self.image_processor(images=images, return_tensors="np")["pixel_values"]
-        return torch.as_tensor(np.asarray(values)).to(param.device, param.dtype)
+        out = {k: torch.as_tensor(v).to(param.device) for k, v in image_inputs(self.image_processor, images).items()}
+        out["pixel_values"] = out["pixel_values"].to(param.dtype)
+        return out
 
-    def _null_pixels(self, rows: Sequence[RowToScore], pixel_values):
-        import torch
+    def _null_pixels(self, rows: Sequence[RowToScore], images: dict) -> dict:
+        from workloads.evaluator import image_keys, null_image_inputs
 
-        from workloads.evaluator import _noise
-
-        if self.null_image == "blank":
-            return torch.zeros_like(pixel_values)
-        shape = tuple(pixel_values.shape[1:])
-        keys = [row.row_id if k == 0 else f"{row.row_id}#{k}" for row in rows for k in range(len(row.images))]
-        return torch.stack([_noise(shape, self.seed, key) for key in keys]).to(pixel_values)
+        keys = [key for row in rows for key in image_keys(row.row_id, len(row.images))]
+        return null_image_inputs(images, self.null_image, self.seed, keys)
 
     def __call__(self, rows: Sequence[RowToScore]) -> list[np.ndarray]:
         """r_t (float16, one value per token) of each row, in order; rows without images get zeros."""
@@ -261,17 +261,17 @@ class RelevanceScorer:
             return out  # type: ignore[return-value]
         ids = [np.asarray(r.input_ids) for r in seen]
         segments = [np.asarray(r.segments) for r in seen]
-        pixel_values = self._pixels([image for r in seen for image in r.images])
-        with_image = self._token_logp(ids, segments, pixel_values)
+        images = self._pixels([image for r in seen for image in r.images])
+        with_image = self._token_logp(ids, segments, images)
         if self.null_image == "none":  # the image tokens taken out: map the shorter rows' values back
             keep = [s != int(Segment.IMAGE) for s in segments]
-            short = self._token_logp([i[k] for i, k in zip(ids, keep)], [s[k] for s, k in zip(segments, keep)], None)
+            short = self._token_logp([i[k] for i, k in zip(ids, keep)], [s[k] for s, k in zip(segments, keep)], {})
             null = []
             for k, values in zip(keep, short):
                 full = np.zeros(len(k), np.float32)
                 full[k] = values
                 null.append(full)
         else:
-            null = self._token_logp(ids, segments, self._null_pixels(seen, pixel_values))
+            null = self._token_logp(ids, segments, self._null_pixels(seen, images))
         scored = iter(token_relevance(a, b, s) for a, b, s in zip(with_image, null, segments))
         return [value if value is not None else next(scored) for value in out]
