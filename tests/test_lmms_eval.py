@@ -79,7 +79,7 @@ def test_a_missing_extra_is_a_clear_error(monkeypatch, tmp_path):
 
 def _local_task(folder: Path, questions: list[dict], image_root: str) -> None:
     """An offline lmms-eval task: a JSON-lines data file, a YAML and its utils.py, all in `folder`."""
-    rows = [{"id": q["question_id"], "image": str(Path(image_root, q["images"][0])), "question": q["text"],
+    rows = [{"id": q["question_id"], "image": str(Path(image_root, q["image"])), "question": q["text"],
              "answer": q["answer"]} for q in questions]  # fmt: skip
     (folder / "l2t_local.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "utils.py").write_text(
