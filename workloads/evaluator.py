@@ -61,6 +61,17 @@ def image_keys(row_id: str, images: int) -> list[str]:
     return [row_id if k == 0 else f"{row_id}#{k}" for k in range(images)]
 
 
+def image_tensors(model, image_processor, images: list) -> dict[str, torch.Tensor]:
+    """The forward's image inputs for `images` (none: {}) on the model's device: pixel values in its dtype,
+    and the family's image grid (`image_sizes`, `image_grid_thw`)."""
+    if not images:
+        return {}
+    param = next(model.parameters())
+    out = {k: torch.as_tensor(v).to(param.device) for k, v in image_inputs(image_processor, images).items()}
+    out["pixel_values"] = out["pixel_values"].to(param.dtype)
+    return out
+
+
 def null_image_inputs(images: dict[str, torch.Tensor], null_image: str, seed: int, keys: list[str]) -> dict:
     """V=∅ for each image of the forward's image inputs `images` (noise seeded per key of `image_keys`, or
     blank), in its own pixel layout (LLaVA-NeXT's tiles, Qwen2-VL's patches); the image grid is kept."""
@@ -212,16 +223,6 @@ class Evaluator:
             **options,
         )
 
-    def _pixels(self, images: list) -> dict[str, torch.Tensor]:
-        """The forward's image inputs for `images` (none: {}): pixel values in the model's dtype, and the
-        family's image grid (`image_sizes`, `image_grid_thw`)."""
-        if not images:
-            return {}
-        param = next(self.model.parameters())
-        out = {k: torch.as_tensor(v).to(param.device) for k, v in image_inputs(self.image_processor, images).items()}
-        out["pixel_values"] = out["pixel_values"].to(param.dtype)
-        return out
-
     @torch.no_grad()
     def __call__(self, questions: Sequence[dict]) -> list[SampleResult]:
         """One result per question, in order (failed rows carry `error`)."""
@@ -268,7 +269,7 @@ class Evaluator:
         """Generation from `prompts` (question only); teacher-forced scores from `encoded` (answered rows)."""
         model, tokenizer = self.model, self.tokenizer
         has_image = [bool(r["images"]) for r in rows]
-        pixels = self._pixels(images)
+        pixels = image_tensors(model, self.image_processor, images)
         ids = [e.input_ids.astype(np.int64) for e in encoded]
         segments = [e.segments.astype(np.int64) for e in encoded]
 

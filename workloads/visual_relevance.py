@@ -234,17 +234,6 @@ class RelevanceScorer:
         logp = torch.nn.functional.pad(-nll.float(), (1, 0)).cpu().numpy()
         return [logp[i, : len(row_ids)] for i, row_ids in enumerate(ids)]
 
-    def _pixels(self, images: list) -> dict:
-        """The forward's image inputs for `images`: pixel values in the model's dtype and the family's grid."""
-        import torch
-
-        from workloads.families import image_inputs
-
-        param = next(self.model.parameters())
-        out = {k: torch.as_tensor(v).to(param.device) for k, v in image_inputs(self.image_processor, images).items()}
-        out["pixel_values"] = out["pixel_values"].to(param.dtype)
-        return out
-
     def _null_pixels(self, rows: Sequence[RowToScore], images: dict) -> dict:
         from workloads.evaluator import image_keys, null_image_inputs
 
@@ -261,7 +250,9 @@ class RelevanceScorer:
             return out  # type: ignore[return-value]
         ids = [np.asarray(r.input_ids) for r in seen]
         segments = [np.asarray(r.segments) for r in seen]
-        images = self._pixels([image for r in seen for image in r.images])
+        from workloads.evaluator import image_tensors
+
+        images = image_tensors(self.model, self.image_processor, [image for r in seen for image in r.images])
         with_image = self._token_logp(ids, segments, images)
         if self.null_image == "none":  # the image tokens taken out: map the shorter rows' values back
             keep = [s != int(Segment.IMAGE) for s in segments]
