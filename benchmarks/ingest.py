@@ -22,7 +22,8 @@ mask, pixel values):
 
 (a) l2t: the rank's dataset as ``run_train`` builds it (``rank_datasets`` over
     ``training_dataset``, ``--workers`` loading actors), read as a Train worker reads it
-    (``iterator().iter_batches`` of 64 rows, prefetch 2, ``ordered_micro_batches``, ``collate``);
+    (``iterator().iter_batches`` of whole loading units, prefetch 2, ``ordered_micro_batches``,
+    ``collate``; blocks in order, as ``run_train`` sets Ray Data's ``preserve_order``);
 (b) the reference: a map-style ``torch.utils.data.Dataset`` over the same shards whose
     ``__getitem__`` opens one row's image (the same confined opener) and runs the same
     processor on it, as LLaVA's ``LazySupervisedDataset`` does, in a ``DataLoader`` with
@@ -59,8 +60,6 @@ GOAL_RATIO = 1.0
 IMAGE_SIZES = ((640, 480), (480, 640), (512, 512), (336, 336))
 """Image sizes, cycled over rows: COCO's common shapes and LLaVA-1.5's input size."""
 MODEL_IMAGE_SIZE, MODEL_PATCH_SIZE = 336, 14
-ROWS_PER_READ = 64
-"""Rows per `iter_batches` batch, as `orchestrator.train._worker_entry` reads."""
 
 
 # ---------------------------------------------------------------- data
@@ -130,7 +129,7 @@ def prepare_rows(workdir: Path, data: Path, model: Path):
 # ---------------------------------------------------------------- the two paths
 
 
-def ray_epoch(prepared, model: Path, image_root: str, plan, rows, micro_batch: int, workers: int, pad: int, meter):
+def ray_epoch(prepared, model: Path, image_root: str, plan, micro_batch: int, workers: int, pad: int, meter):
     """(a): the rank's dataset as run_train builds it, consumed as a Train worker consumes it."""
     import torch
 
@@ -138,14 +137,12 @@ def ray_epoch(prepared, model: Path, image_root: str, plan, rows, micro_batch: i
     from workloads.batching import ordered_micro_batches
     from workloads.micro_batch import collate
 
-    def make_dataset(owner, rank):
-        return training_dataset(
-            prepared, str(model), image_root, 1.0, rows=rows, owner=owner, rank=rank, workers=workers
-        )
+    def make_dataset(order, rank):
+        return training_dataset(prepared, str(model), image_root, 1.0, order=order, workers=workers)
 
     started = time.perf_counter()
     ds = rank_datasets(plan, make_dataset)[dataset_name(0)]
-    batches = ds.iterator().iter_batches(batch_size=ROWS_PER_READ, batch_format="numpy", prefetch_batches=2)
+    batches = ds.iterator().iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
     micro_batches = ordered_micro_batches(batches, plan.order(0, 0), micro_batch, log=lambda message: None)
     return _epoch(started, (collate(micro, pad, torch.device("cpu")) for micro in micro_batches), meter)
 
@@ -322,6 +319,7 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, would rank its loader below a DataLoader's
 
+    from ray.data import DataContext
     from transformers import AutoTokenizer
 
     from orchestrator.cluster import connect
@@ -334,6 +332,7 @@ def main(argv=None) -> dict:
     model = make_model(workdir, data)
     connect(num_cpus=args.cpus, verbose=False)
     prepared = prepare_rows(workdir, data, model)
+    DataContext.get_current().execution_options.preserve_order = True  # as run_train reads
     rows = read_prepared_rows(prepared)
     plan = BatchPlan(rows.lengths, args.micro_batch, 1, 1)
     pad = AutoTokenizer.from_pretrained(model).pad_token_id or 0
@@ -351,7 +350,7 @@ def main(argv=None) -> dict:
     for workers in [int(w) for w in str(args.workers).split(",")]:
         paths = {
             "ray_data": lambda meter: ray_epoch(
-                prepared, model, str(workdir), plan, rows, args.micro_batch, workers, pad, meter
+                prepared, model, str(workdir), plan, args.micro_batch, workers, pad, meter
             ),
             "dataloader": lambda meter: dataloader_epoch(reference, plan, args.micro_batch, workers, pad, meter),
         }

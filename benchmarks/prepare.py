@@ -26,7 +26,8 @@ masking throughput: ``encode_conversations`` on the same rows in this process
 (other rows: a LLaVA-like mix with 576 image tokens per image).
 
 Goals on a 2-core machine: all rows prepared in under 10 minutes, template
-statistics under 60 s, 2 CPUs at least 1.6x one. The machine is shared, so
+statistics under 60 s, 2 CPUs at least 1.6x one, and the whole preparation at
+2 CPUs at least 1.5x the single-process encode. The machine is shared, so
 each run also records the load average before and after it, and the CPU
 time its whole process tree (driver, raylet, workers) used: CPU seconds over
 wall seconds times cores says how much of its cores the run actually got.
@@ -53,6 +54,7 @@ sys.path.insert(0, str(REPO))
 GOAL_TOTAL_S = 600.0
 GOAL_TEMPLATE_STATS_S = 60.0
 GOAL_SPEEDUP = 1.6
+GOAL_RATIO_VS_SINGLE_PROCESS = 1.5
 
 
 def make_data(workdir: Path, rows: int, seed: int = 0) -> Path:
@@ -289,10 +291,12 @@ def main(argv=None) -> dict | None:
         "total_s_under": GOAL_TOTAL_S,
         "template_stats_s_under": GOAL_TEMPLATE_STATS_S,
         "speedup_2cpu_at_least": GOAL_SPEEDUP,
+        f"ratio_{top}cpu_vs_single_process_encode_at_least": GOAL_RATIO_VS_SINGLE_PROCESS,
         "met": {
             "total": runs[top]["wall_s"] < GOAL_TOTAL_S,
             "template_stats": result["template_stats_s"] < GOAL_TEMPLATE_STATS_S,
             **({"speedup": result["speedup_2cpu_vs_1cpu"] >= GOAL_SPEEDUP} if "speedup_2cpu_vs_1cpu" in result else {}),
+            "ratio_vs_single_process_encode": best / single >= GOAL_RATIO_VS_SINGLE_PROCESS,
         },
     }
 
@@ -315,7 +319,8 @@ def main(argv=None) -> dict | None:
     print(f"  total at {top} CPUs: {runs[top]['wall_s']:.1f} s (goal < {GOAL_TOTAL_S:.0f} s)")
     print(
         f"  single-process encode_conversations on these rows: {single:,.0f} rows/s; "
-        f"prepare at {top} CPUs is {result[f'ratio_{top}cpu_vs_single_process_encode']:.2f}x that"
+        f"prepare at {top} CPUs is {result[f'ratio_{top}cpu_vs_single_process_encode']:.2f}x that "
+        f"(goal >= {GOAL_RATIO_VS_SINGLE_PROCESS})"
     )
     if masking:
         print(

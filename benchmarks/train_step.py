@@ -94,7 +94,7 @@ def in_memory_rows(prepared, model_dir: str, image_root: str):
 
     rows = read_prepared_rows(prepared)
     load = LoadRows(model_dir, prepared.shards, image_root)
-    loaded = load({k: np.array([c[k] for c in rows.chunks]) for k in rows.chunks[0]})
+    loaded = load(np.arange(len(rows.lengths)))
     by_row = {
         r: {k: loaded[k][i] for k in ("input_ids", "segments", "pixel_values")} for i, r in enumerate(loaded["row"])
     }

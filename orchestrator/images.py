@@ -15,6 +15,7 @@ opened, whatever `data.check_images` says.
 from __future__ import annotations
 
 import functools
+import os
 import posixpath
 import re
 from pathlib import Path
@@ -64,24 +65,39 @@ def relative_image_path(image: str) -> str:
     return lexical
 
 
-def confined_path(image_root: str, image: str) -> str:
+def confined_path(image_root: str, image: str, folders: dict[str, str] | None = None) -> str:
     """Where `image` lives under `image_root`, refused (`ImagePathError`) when it would leave the root.
 
     The lexical rule of `relative_image_path` always; under a local root the
     path is also resolved, symlinks followed, and must stay inside the
     resolved root. Returns the resolved local path or the s3:// URI.
+
+    `folders`: resolved folders kept by the caller between calls (a validation block's images share a few
+    folders): a path without `..` or backslashes then costs one `lstat` of its file, which is resolved on
+    its own only when it is a symlink, instead of resolving every folder on the way again.
     """
     lexical = relative_image_path(image)
     if storage.is_s3(image_root):
         return storage.join(image_root, lexical)
     root = _resolved_root(image_root)
-    try:
-        resolved = (root / image).resolve()
-    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a name too long
-        raise ImagePathError("invalid_image_path", f"image {image!r} can't be resolved under {root}: {error}") from None
+    if folders is not None and "\\" not in image and ".." not in image.split("/"):
+        folder, name = os.path.split(image)
+        if folder not in folders:
+            folders[folder] = str(_resolve(root, root / folder, image))
+        candidate = Path(folders[folder], name)
+        resolved = _resolve(root, candidate, image) if os.path.islink(candidate) else candidate
+    else:
+        resolved = _resolve(root, root / image, image)
     if not resolved.is_relative_to(root):
         raise ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
     return str(resolved)
+
+
+def _resolve(root: Path, path: Path, image: str) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a name too long
+        raise ImagePathError("invalid_image_path", f"image {image!r} can't be resolved under {root}: {error}") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,6 +168,7 @@ class ImageChecker:
         if self.s3 and filesystem is None and self.mode != "off":
             self.filesystem = storage.filesystem(image_root)[0]
         self._seen: dict[str, tuple[str, str] | None] = {}
+        self._folders: dict[str, str] = {}  # resolved image folders (`confined_path`)
 
     @property
     def check_images(self) -> bool:
@@ -183,7 +200,7 @@ class ImageChecker:
                 if self.check_images:
                     return ("no_image_root", f"image {image!r} given but data.image_root is not set")
                 return None
-            location = confined_path(self.image_root, image)
+            location = confined_path(self.image_root, image, self._folders)
             if not self.check_images:
                 return None
             missing = self._missing_s3(image, location) if self.s3 else self._missing_local(image, location)

@@ -1,11 +1,13 @@
 """Training ingest: prepared shards -> Ray Data -> each rank's rows with their pixel values.
 
 The driver reads each prepared row's length (rows are numbered by shard
-file, then position) without Ray tasks. Ray Data reads the shards' row
-groups in slices and, per rank, keeps only that rank's rows (`BatchPlan`'s
-`rank_of_rows`) before any image is opened, then loads their images with the
-model's image processor on CPU. Each Train worker reads its own dataset and
-puts its micro-batches in plan order (`workloads.batching`).
+file, then position) without Ray tasks. Each rank's Ray Data read follows
+its plan order (`BatchPlan.order`): every loading task gets a run of the rows
+the rank consumes next, the first runs small, so the first micro-batch waits
+for its own images only, not for a whole length-grouping window's, and rows
+arrive nearly in the order `workloads.batching.ordered_micro_batches` puts
+them in. A task reads its rows' row groups (kept per process while their
+rows come) and loads their images with the model's image processor on CPU.
 
 An image that fails here (deleted, replaced, truncated since preparation, or
 a path that now leaves `image_root` through a symlink: paths are confined
@@ -27,10 +29,13 @@ from orchestrator.prepare import PreparedData
 from workloads.batching import BatchPlan
 from workloads.visual_relevance import RELEVANCE_COLUMN
 
-READ_CHUNK_ROWS = 128
-"""Rows per Ray Data read unit (a slice of a Parquet row group)."""
-LOAD_SLICE_ROWS = 64
-"""Rows per image-loading task: its first micro-batch comes after this many images, not a whole read unit's."""
+LOAD_UNIT_ROWS = 64
+"""Rows per image-loading task (a task's block of pixel values: 64 rows at 336 px are 87 MB)."""
+FIRST_UNIT_ROWS = 8
+"""Rows of the first loading task; the next ones double up to LOAD_UNIT_ROWS, so the first micro-batch comes
+after about its own images and the loaders are soon busy with full units."""
+GROUPS_KEPT = 2
+"""Row groups a loading process keeps read (a unit near a group's end reads the next one too)."""
 LIGHT_TASK_CPUS = 0.05
 """CPU share of Ray Data tasks that only select rows."""
 
@@ -40,53 +45,66 @@ class PreparedRows:
     """The prepared rows in order (shard files by name, then position): lengths and where each row group starts."""
 
     lengths: np.ndarray
-    chunks: list[dict[str, Any]]
-    """{"path", "row_group", "start", "stop", "first_row"}: slices of Parquet row groups, the units Ray Data reads."""
+    groups: list[dict[str, Any]]
+    """{"path", "row_group", "first_row", "rows"} of every Parquet row group, in row order."""
 
 
 def read_prepared_rows(prepared: PreparedData) -> PreparedRows:
     """Row lengths and row-group layout of the shards, read in this process (one int column; no Ray tasks,
     so it works beside Train workers that hold every CPU)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.filesystem(prepared.shards)
+    groups = shard_row_groups(prepared.shards)
+    lengths = []
+    for group in groups:
+        with fs.open_input_file(group["path"]) as handle:
+            column = pq.ParquetFile(handle).read_row_group(group["row_group"], columns=["length"]).column("length")
+        lengths.append(column.to_numpy())
+    return PreparedRows(lengths=np.concatenate(lengths).astype(np.int64), groups=groups)
+
+
+def shard_row_groups(shards: str) -> list[dict[str, Any]]:
+    """Every row group of the shards (file footers only): {"path", "row_group", "first_row", "rows"}."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    fs, root = storage.filesystem(prepared.shards)
+    fs, root = storage.filesystem(shards)
     files = sorted(
         info.path
         for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
         if info.path.endswith(".parquet")
     )
-    lengths, chunks, first = [], [], 0
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards in {shards}")
+    groups, first = [], 0
     for path in files:
         with fs.open_input_file(path) as handle:
-            reader = pq.ParquetFile(handle)
-            for index in range(reader.num_row_groups):
-                column = reader.read_row_group(index, columns=["length"]).column("length").to_numpy()
-                for start in range(0, len(column), READ_CHUNK_ROWS):
-                    stop = min(start + READ_CHUNK_ROWS, len(column))
-                    chunks.append(
-                        {"path": path, "row_group": index, "start": start, "stop": stop, "first_row": first + start}
-                    )
-                lengths.append(column)
-                first += len(column)
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards in {prepared.shards}")
-    return PreparedRows(lengths=np.concatenate(lengths).astype(np.int64), chunks=chunks)
+            metadata = pq.ParquetFile(handle).metadata
+        for index in range(metadata.num_row_groups):
+            rows = metadata.row_group(index).num_rows
+            groups.append({"path": path, "row_group": index, "first_row": first, "rows": rows})
+            first += rows
+    return groups
+
+
+def load_units(order: np.ndarray, first: int = FIRST_UNIT_ROWS, size: int = LOAD_UNIT_ROWS) -> list[dict]:
+    """`order` cut into loading tasks' rows (`{"rows": [...]}`, a block each): `first` rows, then twice as many
+    each time up to `size`."""
+    units, start, step = [], 0, max(1, min(first, size))
+    while start < len(order):
+        units.append({"rows": [int(r) for r in order[start : start + step]]})
+        start += step
+        step = min(size, step * 2)
+    return units
 
 
 class LoadRows:
-    """Ray Data stage: slices of Parquet row groups -> rows with their `row` number, tokens, `pixel_values`
-    (the model's image processor) and `problem` ("" or why the row's images could not be loaded); with
-    `owner` and `rank`, only that rank's rows, kept before any image is opened. It raises for no image."""
+    """Ray Data stage: loading units (`load_units`: each a run of row numbers) -> those rows, in that order, with
+    their `row` number, tokens, `pixel_values` (the model's image processor) and `problem` ("" or why the
+    row's images could not be loaded). It raises for no image."""
 
-    def __init__(
-        self,
-        model_dir: str,
-        shards: str,
-        image_root: str | None,
-        owner: np.ndarray | None = None,
-        rank: int | None = None,
-    ):
+    def __init__(self, model_dir: str, shards: str, image_root: str | None):
         from transformers import AutoImageProcessor
 
         from workloads.families import counter_for
@@ -94,22 +112,33 @@ class LoadRows:
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.counter = counter_for(model_dir)  # the family: its image grid, each image's token count
         self.fs, _ = storage.filesystem(shards)
+        self.groups = shard_row_groups(shards)
+        self.group_first = np.array([g["first_row"] for g in self.groups] + [sum(g["rows"] for g in self.groups)])
         self.image_root = image_root
         self.image_fs = storage.filesystem(image_root)[0] if image_root and storage.is_s3(image_root) else None
-        self.owner, self.rank = owner, rank
-        self._group: tuple[Any, dict[str, list]] | None = None  # the last row group read (its slices come in a row)
+        self._read: dict[int, dict[str, list]] = {}  # the last GROUPS_KEPT row groups read, by index
 
-    def _columns(self, path: str, index: int) -> dict[str, list]:
+    def _columns(self, index: int) -> dict[str, list]:
         import pyarrow.parquet as pq
 
-        if self._group is None or self._group[0] != (path, index):
-            with self.fs.open_input_file(path) as handle:
+        if index not in self._read:
+            group = self.groups[index]
+            with self.fs.open_input_file(group["path"]) as handle:
                 reader = pq.ParquetFile(handle)
                 wanted = ("id", "input_ids", "segments", "images", "image_tokens", RELEVANCE_COLUMN)
                 names = [n for n in wanted if n in reader.schema_arrow.names]
-                table = reader.read_row_group(index, columns=names)
-            self._group = ((path, index), {name: _row_values(table.column(name)) for name in table.column_names})
-        return self._group[1]
+                table = reader.read_row_group(group["row_group"], columns=names)
+            while len(self._read) >= GROUPS_KEPT:
+                self._read.pop(next(iter(self._read)))
+            self._read[index] = {name: _row_values(table.column(name)) for name in table.column_names}
+        return self._read[index]
+
+    def _locate(self, row: int) -> tuple[dict[str, list], int]:
+        """The columns of `row`'s row group and its position there."""
+        if not 0 <= row < self.group_first[-1]:
+            raise IndexError(f"row {row} is not in the shards ({self.group_first[-1]} rows)")
+        index = int(np.searchsorted(self.group_first, row, side="right")) - 1
+        return self._columns(index), row - int(self.group_first[index])
 
     def _images(self, row_id: str, paths: list[str]) -> tuple[list, str]:
         """(the row's images, "") or ([], why one of them can't be used)."""
@@ -124,11 +153,11 @@ class LoadRows:
     def _pixels(self, rows: list[tuple[str, list]]) -> tuple[list, list[str]]:
         """Pixel values per row (None for a row without images) and each row's problem ("" when fine).
 
-        Row by row, not the whole slice in one processor call: the processor works image by image anyway, and
+        Row by row, not the whole unit in one processor call: the processor works image by image anyway, and
         a call on a hundred images keeps every intermediate array of all of them (a hundred times 1.4 MB at
         336 px), so each step streams them through memory instead of cache: measured 2.7x slower per image
         (benchmarks/ingest.py). Rows with the same images (a LLaVA image asked about in several rows) are
-        decoded and processed once per slice."""
+        decoded and processed once per unit."""
         done: dict[tuple, tuple[Any, str]] = {}
         out, problems = [], []
         for row_id, paths in rows:
@@ -166,30 +195,27 @@ class LoadRows:
             return f"row {row_id!r}: its images take {counts.tolist()} image tokens, prepared with {list(prepared)}"
         return ""
 
-    def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, rows) -> dict[str, Any]:
+        """The rows numbered `rows`, in that order (one loading unit: one block)."""
+        rows = [int(r) for r in rows]
         out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": [], "problem": []}
-        for path, index, start, stop, first in zip(
-            chunks["path"], chunks["row_group"], chunks["start"], chunks["stop"], chunks["first_row"]
-        ):
-            columns = self._columns(str(path), int(index))
-            if RELEVANCE_COLUMN in columns:  # the prepared data was scored (`data.relevance`)
-                out.setdefault(RELEVANCE_COLUMN, [])
-            rows = int(first) + np.arange(int(stop) - int(start))
-            keep = np.arange(len(rows)) if self.rank is None else np.flatnonzero(self.owner[rows] == self.rank)
-            ids = columns.get("id")
-            per_row = [
-                (ids[int(start) + i] if ids else f"#{int(rows[i])}", columns["images"][int(start) + i]) for i in keep
-            ]
-            pixels, problems = self._pixels(per_row)
-            for i, row_pixels, problem, (row_id, _) in zip(keep, pixels, problems, per_row):
-                out["row"].append(int(rows[i]))
-                out["input_ids"].append(np.asarray(columns["input_ids"][int(start) + i], dtype=np.int32))
-                out["segments"].append(np.asarray(columns["segments"][int(start) + i], dtype=np.int8))
-                prepared = columns["image_tokens"][int(start) + i] if "image_tokens" in columns else None
-                changed = self._add_images(out, row_pixels or {}, prepared, row_id)
-                out["problem"].append(problem or changed)
-                if RELEVANCE_COLUMN in columns:
-                    out[RELEVANCE_COLUMN].append(np.asarray(columns[RELEVANCE_COLUMN][int(start) + i], np.float32))
+        located = [self._locate(row) for row in rows]
+        if any(RELEVANCE_COLUMN in columns for columns, _ in located):  # the prepared data was scored
+            out[RELEVANCE_COLUMN] = []
+        per_row = [
+            (columns["id"][i] if "id" in columns else f"#{row}", columns["images"][i])
+            for row, (columns, i) in zip(rows, located)
+        ]
+        pixels, problems = self._pixels(per_row)
+        for row, (columns, i), row_pixels, problem, (row_id, _) in zip(rows, located, pixels, problems, per_row):
+            out["row"].append(row)
+            out["input_ids"].append(np.asarray(columns["input_ids"][i], dtype=np.int32))
+            out["segments"].append(np.asarray(columns["segments"][i], dtype=np.int8))
+            prepared = columns["image_tokens"][i] if "image_tokens" in columns else None
+            changed = self._add_images(out, row_pixels or {}, prepared, row_id)
+            out["problem"].append(problem or changed)
+            if RELEVANCE_COLUMN in columns:
+                out[RELEVANCE_COLUMN].append(np.asarray(columns[RELEVANCE_COLUMN][i], np.float32))
         out["pixel_values"] = _empties_shaped_alike(out["pixel_values"])
         return out
 
@@ -237,59 +263,52 @@ def training_dataset(
     image_root: str | None,
     data_cpus: float,
     *,
-    rows: PreparedRows | None = None,
-    owner: np.ndarray | None = None,
-    rank: int | None = None,
+    order: np.ndarray | None = None,
     workers: int = 1,
 ):
-    """Prepared rows with their `row` number and pixel values (all rows, or one rank's by `owner`).
+    """Prepared rows with their `row` number and pixel values: those of `order` (a rank's plan order), or all
+    rows in prepared order; a task and a block per `load_units` unit, `workers` tasks at a time of
+    `data_cpus` CPUs each.
 
+    Blocks come as they are done (the dataset does not preserve order: `ordered_micro_batches` puts rows in
+    plan order, and tasks started in plan order finish nearly in it), so no block waits for a slower one.
     Materialized once, a dataset of all rows serves several fits (a sweep's
     trials): `run_train(..., dataset=...)` then only selects each rank's rows.
-    `workers`: loading tasks at a time, of `data_cpus` CPUs each (`load_rows`).
     """
     import ray.data
 
-    rows = rows or read_prepared_rows(prepared)
+    if order is None:
+        order = np.arange(len(read_prepared_rows(prepared).lengths))
+    units = load_units(order)
     settings = {"model_dir": model_dir, "shards": prepared.shards, "image_root": image_root}
-    return ray.data.from_items(_slices(rows.chunks, LOAD_SLICE_ROWS)).map_batches(
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units))).map_batches(
         load_rows,
-        fn_kwargs={**settings, "owner": owner, "rank": rank},
+        fn_kwargs=settings,
         batch_size=1,
+        batch_format="pyarrow",
         num_cpus=data_cpus,
-        concurrency=workers,
+        compute=ray.data.TaskPoolStrategy(size=workers),
     )
+    ds.context.execution_options.preserve_order = False
+    return ds
 
 
-def _slices(chunks: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    """The read units cut to at most `size` rows (a task's block of pixel values: 64 rows at 336 px are 87 MB)."""
-    out = []
-    for chunk in chunks:
-        for start in range(chunk["start"], chunk["stop"], size):
-            first_row = chunk["first_row"] + start - chunk["start"]
-            out.append({**chunk, "start": start, "stop": min(start + size, chunk["stop"]), "first_row": first_row})
-    return out
+_LOADER: tuple[tuple, LoadRows] | None = None
+"""This process's `LoadRows`: (settings, loader)."""
 
 
-_LOADER: tuple[tuple, Any, LoadRows] | None = None
-"""This process's `LoadRows`: (settings, owner, loader)."""
-
-
-def load_rows(chunks: dict[str, np.ndarray], model_dir: str, shards: str, image_root, owner=None, rank=None):
-    """Ray Data task: `LoadRows` on one slice, with the loader this worker process keeps between tasks.
+def load_rows(units, model_dir: str, shards: str, image_root) -> dict[str, Any]:
+    """Ray Data task: `LoadRows` on a unit (`load_units`), with the loader this worker process keeps between
+    tasks.
 
     Tasks, not an actor pool: Ray keeps its worker processes, so from the second epoch on (and for every
-    slice after a process's first) no task imports transformers or loads the processor again, where each
+    unit after a process's first) no task imports transformers or loads the processor again, where each
     epoch's actor pool would start cold (seconds per epoch, before the first micro-batch)."""
     global _LOADER
-    settings = (model_dir, shards, image_root, rank)
-    if _LOADER is None or _LOADER[0] != settings or not _same_owner(_LOADER[1], owner):
-        _LOADER = (settings, owner, LoadRows(model_dir, shards, image_root, owner=owner, rank=rank))
-    return _LOADER[2](chunks)
-
-
-def _same_owner(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+    settings = (model_dir, shards, image_root)
+    if _LOADER is None or _LOADER[0] != settings:
+        _LOADER = (settings, LoadRows(model_dir, shards, image_root))
+    return _LOADER[1]([row for rows in units.column("rows").to_pylist() for row in rows])
 
 
 def _select_rank(batch: dict[str, np.ndarray], owner: np.ndarray, rank: int) -> dict[str, Any]:
@@ -298,12 +317,13 @@ def _select_rank(batch: dict[str, np.ndarray], owner: np.ndarray, rank: int) -> 
 
 
 def rank_datasets(plan: BatchPlan, make_dataset, shared=None) -> dict[str, Any]:
-    """One Ray Dataset per rank holding exactly that rank's rows (in any order), pixel values loaded.
+    """One Ray Dataset per rank holding exactly that rank's rows, pixel values loaded.
 
-    From `shared` (all rows, images loaded) by selecting rows; else `make_dataset(owner, rank)`
-    reads the shards and loads only that rank's images.
+    From `shared` (all rows, images loaded) by selecting rows (in any order); else
+    `make_dataset(order, rank)` reads the shards and loads that rank's rows in its plan order (epoch 0's:
+    later epochs reorder only within a length-grouping window).
     """
-    owner = plan.rank_of_rows()
+    owner = plan.rank_of_rows() if shared is not None else None
     datasets = {}
     for rank in range(plan.world_size):
         if shared is not None:
@@ -311,7 +331,7 @@ def rank_datasets(plan: BatchPlan, make_dataset, shared=None) -> dict[str, Any]:
                 _select_rank, fn_kwargs={"owner": owner, "rank": rank}, batch_format="numpy", num_cpus=LIGHT_TASK_CPUS
             )
         else:
-            ds = make_dataset(owner, rank)
+            ds = make_dataset(plan.order(rank, 0), rank)
         datasets[dataset_name(rank)] = ds
     return datasets
 

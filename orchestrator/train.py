@@ -94,12 +94,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
         order = plan.order(rank, epoch)[skip * cfg.train.micro_batch_size :]
         source = shard
         if skip and resume_stream:  # stream only the rows still to train on: skipped images are never decoded
-            owner = plan.rank_of_rows().copy()
-            owner[plan.order(rank, epoch)[: skip * cfg.train.micro_batch_size]] = -1
-            rows = PreparedRows(plan.lengths, resume_stream["chunks"])
             prepared = PreparedData.load(resume_stream["prepared"])
-            source = training_dataset(prepared, **resume_stream["load"], rows=rows, owner=owner, rank=rank)
-        rows = source.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2)
+            source = training_dataset(prepared, **resume_stream["load"], order=order)
+        rows = source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)  # loading units
         return ordered_micro_batches(
             rows, order, cfg.train.micro_batch_size, max_bad_fraction=cfg.data.max_bad_fraction
         )
@@ -303,8 +300,8 @@ def run_train(
     spare = cluster_cpus() - worker_cpus * train.num_workers
     materialize = train.ingest == "materialize" or (train.ingest == "auto" and spare < 1.0)
 
-    def make_dataset(owner, rank: int):
-        ds = training_dataset(prepared, **load, rows=rows, owner=owner, rank=rank)
+    def make_dataset(order, rank: int):
+        ds = training_dataset(prepared, **load, order=order)
         return ds.materialize() if materialize else ds
 
     loop_config = {
@@ -316,7 +313,7 @@ def run_train(
         "training_eval": training_eval.to_config() if training_eval else None,
     }
     if dataset is None and not materialize:
-        loop_config["resume_stream"] = {"prepared": prepared.path, "load": load, "chunks": rows.chunks}
+        loop_config["resume_stream"] = {"prepared": prepared.path, "load": load}
     callbacks = [_metrics_logger(log_uri, total_steps, run_name, live_metrics), *(callbacks or [])]
     datasets = rank_datasets(plan, make_dataset, shared=dataset)
     trainer = _trainer(cfg, run_name, worker_cpus, loop_config, datasets, callbacks, shared=dataset is not None)
@@ -356,13 +353,13 @@ def _trainer(
     from ray.data import ExecutionResources
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    execution_options = None
-    if shared:
-        execution_options = {}
-        for name in datasets:
-            options = ray.train.DataConfig.default_ingest_options()  # this context's (preserve_order)
+    execution_options = {}
+    for name in datasets:
+        options = ray.train.DataConfig.default_ingest_options()
+        options.preserve_order = False  # blocks as they are done: ordered_micro_batches puts rows in plan order
+        if shared:
             options.resource_limits = ExecutionResources.for_limits(cpu=LIGHT_TASK_CPUS)
-            execution_options[name] = options
+        execution_options[name] = options
 
     train = cfg.train
     fs, fs_path = storage.filesystem(layout.runs_dir(cfg.storage.path))

@@ -86,12 +86,13 @@ def test_load_rows_reads_the_planned_rows_with_their_images(synthetic_data, tiny
         pq.write_table(table, shards / f"part-{part}.parquet", row_group_size=100)
     rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
     assert len(rows.lengths) == 300 and rows.lengths[7] == 8
-    assert [c["first_row"] for c in rows.chunks] == [0, 100, 200, 250]
-    owner = np.arange(300) % 3
-    load = LoadRows(tiny_model_dir, str(shards), str(synthetic_data.image_root), owner=owner, rank=1)
-    chunks = rows.chunks[1:3]
-    out = load({k: np.array([c[k] for c in chunks]) for k in chunks[0]})
-    assert out["row"] == [r for r in range(100, 250) if r % 3 == 1]
+    assert [(g["first_row"], g["rows"]) for g in rows.groups] == [(0, 100), (100, 100), (200, 50), (250, 50)]
+    load = LoadRows(tiny_model_dir, str(shards), str(synthetic_data.image_root))
+    planned = [r for r in range(299, 90, -1) if r % 3 == 1]  # across row groups and files, backwards
+    out = load(planned)
+    assert out["row"] == planned
+    with pytest.raises(IndexError, match="row 300 is not in the shards"):
+        load([300])
     for row, ids, pixels in zip(out["row"], out["input_ids"], out["pixel_values"]):
         assert list(ids) == list(range(row % 9 + 1)) and pixels.shape == (1, 3, 32, 32)
 

@@ -104,6 +104,34 @@ def test_4_an_escaping_symlink_is_refused_with_image_checks_off(root):
     assert _reasons(lines, str(root), False) == {"escape": "image_outside_root", "absent": ""}, "the old boolean"
 
 
+def test_4b_resolved_folders_kept_between_paths_confine_as_a_full_resolve_does(tmp_path):
+    from orchestrator.images import ImagePathError, confined_path
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a" / "b").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "b" / "x.png").write_bytes(b"x")
+    (outside / "y.png").write_bytes(b"y")
+    (root / "a" / "link.png").symlink_to(outside / "y.png")  # a file leaving the root
+    (root / "a" / "inner.png").symlink_to(root / "a" / "b" / "x.png")  # a file staying inside
+    (root / "out").symlink_to(outside)  # a folder leaving the root
+    (root / "in").symlink_to(root / "a")  # a folder staying inside
+    images = ["a/b/x.png", "a/link.png", "a/inner.png", "out/y.png", "in/b/x.png", "in/link.png", "a/missing.png",
+              "x.png", "a/./b/x.png", "a/b/../b/x.png", "a\\b\\x.png", "in/b/", "../root/a/b/x.png"]  # fmt: skip
+
+    def outcome(image, folders):
+        try:
+            return confined_path(str(root), image, folders)
+        except ImagePathError as error:
+            return error.reason
+
+    folders: dict[str, str] = {}
+    for _ in range(2):  # the second time every folder is already kept
+        assert [outcome(i, folders) for i in images] == [outcome(i, None) for i in images]
+    assert outcome("out/y.png", folders) == outcome("a/link.png", folders) == "image_outside_root"
+    assert outcome("in/b/x.png", folders) == str((root / "a" / "b" / "x.png").resolve())
+
+
 def test_5_duplicate_ids_are_counted_and_quarantined_after_the_first(tmp_path, tiny_model_dir):
     from orchestrator.validation import duplicate_report
 
@@ -413,7 +441,7 @@ def test_the_ingest_survives_images_that_break_after_preparation(prepared_shards
     (root / "shared.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")  # rows 4..7: a whole micro-batch
     rows = read_prepared_rows(PreparedData(str(folder / "prepared"), {}))
     load = LoadRows(tiny_model_dir, str(folder / "prepared" / "shards"), str(root))
-    loaded = load({k: np.array([c[k] for c in rows.chunks]) for k in rows.chunks[0]})
+    loaded = load(np.arange(len(rows.lengths)))
     problems = dict(zip(loaded["row"], loaded["problem"]))
     assert [r for r, p in problems.items() if p] == [1, 2, 3, 4, 5, 6, 7]
     assert "'r1'" in problems[1] and "img1.png" in problems[1] and "broken data stream" in problems[1]

@@ -46,20 +46,17 @@ def shards(tmp_path, tiny_model_dir):
 
 
 def _load(tiny_model_dir, tmp_path, root):
-    from orchestrator.ingest import LoadRows, read_prepared_rows
-    from orchestrator.prepare import PreparedData
+    from orchestrator.ingest import LoadRows
 
-    rows = read_prepared_rows(PreparedData(str(tmp_path / "prepared"), {}))
-    load = LoadRows(tiny_model_dir, str(tmp_path / "prepared" / "shards"), str(root))
-    return load, {k: np.array([c[k] for c in rows.chunks]) for k in rows.chunks[0]}
+    return LoadRows(tiny_model_dir, str(tmp_path / "prepared" / "shards"), str(root))
 
 
 def test_a_block_with_a_bad_row_keeps_pixel_values_a_tensor_column(shards, tiny_model_dir):
     from ray.data.block import BlockAccessor
 
     tmp_path, root, _ = shards
-    load, chunks = _load(tiny_model_dir, tmp_path, root)
-    out = load(chunks)
+    load = _load(tiny_model_dir, tmp_path, root)
+    out = load(range(8))
     assert [bool(p) for p in out["problem"]] == [False, False, False, True, False, False, False, False]
     assert out["pixel_values"][3].shape[0] == 0 and out["pixel_values"][0].shape[0] == 1
     block = BlockAccessor.batch_to_block(out)
@@ -73,7 +70,7 @@ def test_rows_read_the_prepared_tokens_and_the_processor_s_pixels(shards, tiny_m
     from transformers import AutoImageProcessor
 
     tmp_path, root, table = shards
-    load, chunks = _load(tiny_model_dir, tmp_path, root)
+    load = _load(tiny_model_dir, tmp_path, root)
     calls = []
     processor = load.processor
 
@@ -86,7 +83,7 @@ def test_rows_read_the_prepared_tokens_and_the_processor_s_pixels(shards, tiny_m
             return getattr(processor, name)
 
     load.processor = Counting()
-    out = load(chunks)
+    out = load(range(8))
     assert calls == [1] * 5, "the image rows 0-2 share is processed once; row 3 never reaches the processor"
     reference = AutoImageProcessor.from_pretrained(tiny_model_dir)
     for i in (0, 2, 5):
@@ -100,34 +97,27 @@ def test_rows_read_the_prepared_tokens_and_the_processor_s_pixels(shards, tiny_m
 
 
 def test_load_rows_keeps_one_loader_per_process_for_the_same_settings(shards, tiny_model_dir):
+    import pyarrow as pa
+
     from orchestrator import ingest
 
     tmp_path, root, _ = shards
-    _, chunks = _load(tiny_model_dir, tmp_path, root)
     settings = {"model_dir": tiny_model_dir, "shards": str(tmp_path / "prepared" / "shards"), "image_root": str(root)}
-    owner = np.arange(8) % 2
-    first = ingest.load_rows(chunks, **settings, owner=owner, rank=1)
-    loader = ingest._LOADER[2]
-    again = ingest.load_rows(chunks, **settings, owner=owner.copy(), rank=1)  # an equal owner, as a task gets it
-    assert ingest._LOADER[2] is loader and first["row"] == again["row"] == [1, 3, 5, 7]
-    other = ingest.load_rows(chunks, **settings, owner=owner, rank=0)
-    assert ingest._LOADER[2] is not loader and other["row"] == [0, 2, 4, 6]
-    assert ingest.load_rows(chunks, **settings)["row"] == list(range(8))
+    unit = pa.Table.from_pylist(ingest.load_units(np.array([7, 1, 4, 0, 2, 5, 6, 3])))  # as the task gets it
+    assert unit.num_rows == 1, "up to FIRST_UNIT_ROWS rows: one unit"
+    first = ingest.load_rows(unit, **settings)
+    loader = ingest._LOADER[1]
+    assert first["row"] == [7, 1, 4, 0, 2, 5, 6, 3], "the unit's rows, in its order"
+    assert ingest.load_rows(unit, **settings)["row"] == first["row"] and ingest._LOADER[1] is loader
+    assert len(ingest.load_rows(unit, **{**settings, "image_root": str(tmp_path)})["row"]) == 8
+    assert ingest._LOADER[1] is not loader, "other settings: another loader"
 
 
-def test_read_units_are_cut_into_slices_that_keep_every_row_once():
-    from orchestrator.ingest import _slices
+def test_load_units_grow_from_a_micro_batch_and_keep_the_order():
+    from orchestrator.ingest import FIRST_UNIT_ROWS, LOAD_UNIT_ROWS, load_units
 
-    chunks = [
-        {"path": "a", "row_group": 0, "start": 0, "stop": 128, "first_row": 0},
-        {"path": "a", "row_group": 1, "start": 0, "stop": 50, "first_row": 128},
-        {"path": "b", "row_group": 0, "start": 128, "stop": 200, "first_row": 306},
-    ]
-    slices = _slices(chunks, 64)
-    assert [(s["path"], s["row_group"], s["start"], s["stop"], s["first_row"]) for s in slices] == [
-        ("a", 0, 0, 64, 0),
-        ("a", 0, 64, 128, 64),
-        ("a", 1, 0, 50, 128),
-        ("b", 0, 128, 192, 306),
-        ("b", 0, 192, 200, 370),
-    ]
+    order = np.random.default_rng(0).permutation(300)
+    units = [u["rows"] for u in load_units(order)]
+    assert [len(u) for u in units] == [FIRST_UNIT_ROWS, 16, 32, LOAD_UNIT_ROWS, 64, 64, 52]
+    assert np.array_equal(np.concatenate(units), order), "every row once, in order"
+    assert load_units(order[:0]) == []

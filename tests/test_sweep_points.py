@@ -55,7 +55,9 @@ def test_sweep_name_is_stable_and_ignores_where_results_go(tmp_path):
 def test_a_trials_row_selection_is_held_to_the_cpu_share_its_layout_budgets(tmp_path):
     """A sweep trial's rank datasets only select rows of the shared materialized dataset: each may run one
     LIGHT_TASK_CPUS task at a time (trial_layout budgets that much per rank), so Ray Data can't fill the
-    CPUs a concurrent trial's evaluation actor waits for; a fit that loads its own images is not limited."""
+    CPUs a concurrent trial's evaluation actor waits for; a fit that loads its own images is not limited.
+    Every rank dataset hands blocks over as they are done, whatever the context's order setting (the
+    worker puts rows in plan order)."""
     from ray.data import DataContext
 
     from orchestrator.ingest import LIGHT_TASK_CPUS
@@ -67,11 +69,12 @@ def test_a_trials_row_selection_is_held_to_the_cpu_share_its_layout_budgets(tmp_
     before, options.preserve_order = options.preserve_order, True  # as run_train sets it
     try:
         shared = _trainer(cfg, "run", 0.44, {}, datasets, [], shared=True)
+        alone = _trainer(cfg, "run", 0.44, {}, datasets, [])
     finally:
         options.preserve_order = before
     for name in datasets:
         options = shared.data_config._resolve_execution_options(name)
         assert options.resource_limits.cpu == LIGHT_TASK_CPUS
-        assert options.preserve_order  # run_train's context setting carries over
-    alone = _trainer(cfg, "run", 0.44, {}, datasets, [])
+        assert not options.preserve_order
+        assert not alone.data_config._resolve_execution_options(name).preserve_order
     assert alone.data_config._resolve_execution_options("train_rank0").resource_limits.cpu == float("inf")
