@@ -21,9 +21,9 @@ tensors of every micro-batch (``workloads.micro_batch.collate``: padded ids, seg
 mask, pixel values):
 
 (a) l2t: the rank's dataset as ``run_train`` builds it (``rank_datasets`` over
-    ``training_dataset``, ``--workers`` loading actors), read as a Train worker reads it
-    (``iterator().iter_batches`` of whole loading units, prefetch 2, ``ordered_micro_batches``,
-    ``collate``; blocks in order, as ``run_train`` sets Ray Data's ``preserve_order``);
+    ``training_dataset``, ``--workers`` loading tasks at a time), read as a Train worker reads it
+    (``iterator().iter_batches`` of whole loading units as they are done, prefetch 2,
+    ``ordered_micro_batches``, ``collate``);
 (b) the reference: a map-style ``torch.utils.data.Dataset`` over the same shards whose
     ``__getitem__`` opens one row's image (the same confined opener) and runs the same
     processor on it, as LLaVA's ``LazySupervisedDataset`` does, in a ``DataLoader`` with
@@ -319,7 +319,6 @@ def main(argv=None) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default, 15, would rank its loader below a DataLoader's
 
-    from ray.data import DataContext
     from transformers import AutoTokenizer
 
     from orchestrator.cluster import connect
@@ -332,7 +331,6 @@ def main(argv=None) -> dict:
     model = make_model(workdir, data)
     connect(num_cpus=args.cpus, verbose=False)
     prepared = prepare_rows(workdir, data, model)
-    DataContext.get_current().execution_options.preserve_order = True  # as run_train reads
     rows = read_prepared_rows(prepared)
     plan = BatchPlan(rows.lengths, args.micro_batch, 1, 1)
     pad = AutoTokenizer.from_pretrained(model).pad_token_id or 0
