@@ -22,7 +22,7 @@ mask, pixel values):
 
 (a) l2t: the rank's dataset as ``run_train`` builds it (``rank_datasets`` over
     ``training_dataset``, ``--workers`` loading tasks at a time), read as a Train worker reads it
-    (``iterator().iter_batches`` of whole loading units as they are done, prefetch 2,
+    (``iterator().iter_batches`` of whole blocks as they are done, prefetch 1,
     ``ordered_micro_batches``, ``collate``);
 (b) the reference: a map-style ``torch.utils.data.Dataset`` over the same shards whose
     ``__getitem__`` opens one row's image (the same confined opener) and runs the same
@@ -142,7 +142,7 @@ def ray_epoch(prepared, model: Path, image_root: str, plan, micro_batch: int, wo
 
     started = time.perf_counter()
     ds = rank_datasets(plan, make_dataset)[dataset_name(0)]
-    batches = ds.iterator().iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    batches = ds.iterator().iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
     micro_batches = ordered_micro_batches(batches, plan.order(0, 0), micro_batch, log=lambda message: None)
     return _epoch(started, (collate(micro, pad, torch.device("cpu")) for micro in micro_batches), meter)
 

@@ -80,12 +80,17 @@ def confined_path(image_root: str, image: str, folders: dict[str, str] | None = 
     if storage.is_s3(image_root):
         return storage.join(image_root, lexical)
     root = _resolved_root(image_root)
-    if folders is not None and "\\" not in image and ".." not in image.split("/"):
-        folder, name = os.path.split(image)
-        if folder not in folders:
-            folders[folder] = str(_resolve(root, root / folder, image))
-        candidate = Path(folders[folder], name)
-        resolved = _resolve(root, candidate, image) if os.path.islink(candidate) else candidate
+    folder, name = os.path.split(image)
+    if folders is not None and "\\" not in image and ".." not in image.split("/") and name not in ("", "."):
+        if folder not in folders:  # its resolved path, or None when it resolves outside the root
+            resolved_folder = _resolve(root, root / folder, image)
+            folders[folder] = str(resolved_folder) if resolved_folder.is_relative_to(root) else None
+        if folders[folder] is None:
+            raise ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
+        candidate = os.path.join(folders[folder], name)
+        if not os.path.islink(candidate):  # a file (or nothing) in a folder inside the root: inside the root
+            return candidate
+        resolved = _resolve(root, Path(candidate), image)
     else:
         resolved = _resolve(root, root / image, image)
     if not resolved.is_relative_to(root):

@@ -18,6 +18,7 @@ row and the image, and `ordered_micro_batches` drops it from its micro-batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,19 @@ from orchestrator.prepare import PreparedData
 from workloads.batching import BatchPlan
 from workloads.visual_relevance import RELEVANCE_COLUMN
 
-LOAD_UNIT_ROWS = 64
-"""Rows per image-loading task (a task's block of pixel values: 64 rows at 336 px are 87 MB)."""
+LOAD_BLOCK_ROWS = 64
+"""Rows per block a loading task hands over as soon as they are loaded (64 rows at 336 px are 87 MB)."""
+BLOCK_BYTES = 64 << 20
+"""Ray Data's target block size for the loading tasks: a block of LOAD_BLOCK_ROWS rows leaves its task alone, not
+merged with the next one (Ray Data's default, 128 MiB, would wait for two); a block of larger images (LLaVA-NeXT's
+tiles) is cut into blocks about this size."""
 FIRST_UNIT_ROWS = 8
 """Rows of the first loading task; the next ones double up to LOAD_UNIT_ROWS, so the first micro-batch comes
 after about its own images and the loaders are soon busy with full units."""
+LOAD_UNIT_ROWS = 256
+"""Rows of a full loading task. Ray Data leaves a loader idle about 0.1 s between two tasks (its scheduling loop,
+the lease of the next task), a tenth of a 64-row task on a 2-core machine: larger tasks pay it less often, and hand
+over their rows in blocks of LOAD_BLOCK_ROWS meanwhile."""
 GROUPS_KEPT = 2
 """Row groups a loading process keeps read (a unit near a group's end reads the next one too)."""
 LIGHT_TASK_CPUS = 0.05
@@ -88,19 +97,25 @@ def shard_row_groups(shards: str) -> list[dict[str, Any]]:
     return groups
 
 
-def load_units(order: np.ndarray, first: int = FIRST_UNIT_ROWS, size: int = LOAD_UNIT_ROWS) -> list[dict]:
-    """`order` cut into loading tasks' rows (`{"rows": [...]}`, a block each): `first` rows, then twice as many
-    each time up to `size`."""
+def load_units(
+    order: np.ndarray, first: int = FIRST_UNIT_ROWS, size: int = LOAD_UNIT_ROWS, last: int = LOAD_BLOCK_ROWS
+) -> list[dict]:
+    """`order` cut into loading tasks' rows (`{"rows": [...]}`): `first` rows, then twice as many each time up to
+    `size`; at the end half of what is left, down to `last` rows (a last few rows join the task before), so the loaders
+    finish about together."""
     units, start, step = [], 0, max(1, min(first, size))
     while start < len(order):
-        units.append({"rows": [int(r) for r in order[start : start + step]]})
-        start += step
+        left = len(order) - start
+        take = min(step, max(last, -(-left // 2)))
+        take = left if left - take < take // 2 else take  # no task of a few rows at the very end
+        units.append({"rows": [int(r) for r in order[start : start + take]]})
+        start += take
         step = min(size, step * 2)
     return units
 
 
 class LoadRows:
-    """Ray Data stage: loading units (`load_units`: each a run of row numbers) -> those rows, in that order, with
+    """Ray Data stage: row numbers (a block of a loading unit, `load_units`) -> those rows, in that order, with
     their `row` number, tokens, `pixel_values` (the model's image processor) and `problem` ("" or why the
     row's images could not be loaded). It raises for no image."""
 
@@ -196,7 +211,7 @@ class LoadRows:
         return ""
 
     def __call__(self, rows) -> dict[str, Any]:
-        """The rows numbered `rows`, in that order (one loading unit: one block)."""
+        """The rows numbered `rows`, in that order (one block)."""
         rows = [int(r) for r in rows]
         out: dict[str, list] = {"row": [], "input_ids": [], "segments": [], "pixel_values": [], "problem": []}
         located = [self._locate(row) for row in rows]
@@ -267,8 +282,8 @@ def training_dataset(
     workers: int = 1,
 ):
     """Prepared rows with their `row` number and pixel values: those of `order` (a rank's plan order), or all
-    rows in prepared order; a task and a block per `load_units` unit, `workers` tasks at a time of
-    `data_cpus` CPUs each.
+    rows in prepared order; a task per `load_units` unit, `workers` tasks at a time of `data_cpus` CPUs each, a
+    block per LOAD_BLOCK_ROWS rows of a unit.
 
     Blocks come as they are done (the dataset does not preserve order: `ordered_micro_batches` puts rows in
     plan order, and tasks started in plan order finish nearly in it), so no block waits for a slower one.
@@ -290,6 +305,7 @@ def training_dataset(
         compute=ray.data.TaskPoolStrategy(size=workers),
     )
     ds.context.execution_options.preserve_order = False
+    ds.context.target_max_block_size = BLOCK_BYTES
     return ds
 
 
@@ -297,9 +313,9 @@ _LOADER: tuple[tuple, LoadRows] | None = None
 """This process's `LoadRows`: (settings, loader)."""
 
 
-def load_rows(units, model_dir: str, shards: str, image_root) -> dict[str, Any]:
-    """Ray Data task: `LoadRows` on a unit (`load_units`), with the loader this worker process keeps between
-    tasks.
+def load_rows(units, model_dir: str, shards: str, image_root) -> Iterator[dict[str, Any]]:
+    """Ray Data task: `LoadRows` on a unit (`load_units`), a block per LOAD_BLOCK_ROWS rows as each is loaded,
+    with the loader this worker process keeps between tasks.
 
     Tasks, not an actor pool: Ray keeps its worker processes, so from the second epoch on (and for every
     unit after a process's first) no task imports transformers or loads the processor again, where each
@@ -308,7 +324,9 @@ def load_rows(units, model_dir: str, shards: str, image_root) -> dict[str, Any]:
     settings = (model_dir, shards, image_root)
     if _LOADER is None or _LOADER[0] != settings:
         _LOADER = (settings, LoadRows(model_dir, shards, image_root))
-    return _LOADER[1]([row for rows in units.column("rows").to_pylist() for row in rows])
+    rows = [row for unit in units.column("rows").to_pylist() for row in unit]
+    for start in range(0, len(rows), LOAD_BLOCK_ROWS):
+        yield _LOADER[1](rows[start : start + LOAD_BLOCK_ROWS])
 
 
 def _select_rank(batch: dict[str, np.ndarray], owner: np.ndarray, rank: int) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
         if skip and resume_stream:  # stream only the rows still to train on: skipped images are never decoded
             prepared = PreparedData.load(resume_stream["prepared"])
             source = training_dataset(prepared, **resume_stream["load"], order=order)
-        rows = source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)  # loading units
+        # whole blocks (ingest.LOAD_BLOCK_ROWS rows); one fetched ahead: Ray Data's iterator waits for as many
+        # blocks as it prefetches before the first, and finished blocks wait in its output queue meanwhile
+        rows = source.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
         return ordered_micro_batches(
             rows, order, cfg.train.micro_batch_size, max_bad_fraction=cfg.data.max_bad_fraction
         )

@@ -105,19 +105,36 @@ def test_load_rows_keeps_one_loader_per_process_for_the_same_settings(shards, ti
     settings = {"model_dir": tiny_model_dir, "shards": str(tmp_path / "prepared" / "shards"), "image_root": str(root)}
     unit = pa.Table.from_pylist(ingest.load_units(np.array([7, 1, 4, 0, 2, 5, 6, 3])))  # as the task gets it
     assert unit.num_rows == 1, "up to FIRST_UNIT_ROWS rows: one unit"
-    first = ingest.load_rows(unit, **settings)
+    (first,) = ingest.load_rows(unit, **settings)
     loader = ingest._LOADER[1]
     assert first["row"] == [7, 1, 4, 0, 2, 5, 6, 3], "the unit's rows, in its order"
-    assert ingest.load_rows(unit, **settings)["row"] == first["row"] and ingest._LOADER[1] is loader
-    assert len(ingest.load_rows(unit, **{**settings, "image_root": str(tmp_path)})["row"]) == 8
+    assert next(ingest.load_rows(unit, **settings))["row"] == first["row"] and ingest._LOADER[1] is loader
+    assert len(next(ingest.load_rows(unit, **{**settings, "image_root": str(tmp_path)}))["row"]) == 8
     assert ingest._LOADER[1] is not loader, "other settings: another loader"
 
 
-def test_load_units_grow_from_a_micro_batch_and_keep_the_order():
-    from orchestrator.ingest import FIRST_UNIT_ROWS, LOAD_UNIT_ROWS, load_units
+def test_load_rows_hands_a_unit_over_in_blocks(shards, tiny_model_dir, monkeypatch):
+    import pyarrow as pa
 
-    order = np.random.default_rng(0).permutation(300)
+    from orchestrator import ingest
+
+    tmp_path, root, table = shards
+    monkeypatch.setattr(ingest, "LOAD_BLOCK_ROWS", 3)
+    settings = {"model_dir": tiny_model_dir, "shards": str(tmp_path / "prepared" / "shards"), "image_root": str(root)}
+    order = list(range(table.num_rows))[::-1]
+    blocks = list(ingest.load_rows(pa.Table.from_pylist([{"rows": order}]), **settings))
+    assert [len(b["row"]) for b in blocks] == [3] * (len(order) // 3) + ([len(order) % 3] if len(order) % 3 else [])
+    assert [r for b in blocks for r in b["row"]] == order, "the unit's rows once each, in its order"
+
+
+def test_load_units_grow_from_a_micro_batch_shrink_at_the_end_and_keep_the_order():
+    from orchestrator.ingest import FIRST_UNIT_ROWS, LOAD_BLOCK_ROWS, LOAD_UNIT_ROWS, load_units
+
+    order = np.random.default_rng(0).permutation(1500)
     units = [u["rows"] for u in load_units(order)]
-    assert [len(u) for u in units] == [FIRST_UNIT_ROWS, 16, 32, LOAD_UNIT_ROWS, 64, 64, 52]
+    grown, full, shrunk = [FIRST_UNIT_ROWS, 16, 32, 64, 128], [LOAD_UNIT_ROWS] * 3, [242, 121, LOAD_BLOCK_ROWS, 57]
+    assert [len(u) for u in units] == grown + full + shrunk
     assert np.array_equal(np.concatenate(units), order), "every row once, in order"
+    assert [len(u["rows"]) for u in load_units(order[:300])] == [8, 16, 32, 64, 90, 90]
+    assert [len(u["rows"]) for u in load_units(order[:60])] == [8, 16, 36], "the last 4 rows join the task before"
     assert load_units(order[:0]) == []
