@@ -65,7 +65,7 @@ def relative_image_path(image: str) -> str:
     return lexical
 
 
-def confined_path(image_root: str, image: str, folders: dict[str, str] | None = None) -> str:
+def confined_path(image_root: str, image: str, folders: dict[str, str | None] | None = None) -> str:
     """Where `image` lives under `image_root`, refused (`ImagePathError`) when it would leave the root.
 
     The lexical rule of `relative_image_path` always; under a local root the
@@ -86,7 +86,7 @@ def confined_path(image_root: str, image: str, folders: dict[str, str] | None = 
             resolved_folder = _resolve(root, root / folder, image)
             folders[folder] = str(resolved_folder) if resolved_folder.is_relative_to(root) else None
         if folders[folder] is None:
-            raise ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
+            raise _outside_root(image, root)
         candidate = os.path.join(folders[folder], name)
         if not os.path.islink(candidate):  # a file (or nothing) in a folder inside the root: inside the root
             return candidate
@@ -94,8 +94,12 @@ def confined_path(image_root: str, image: str, folders: dict[str, str] | None = 
     else:
         resolved = _resolve(root, root / image, image)
     if not resolved.is_relative_to(root):
-        raise ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
+        raise _outside_root(image, root)
     return str(resolved)
+
+
+def _outside_root(image: str, root: Path) -> ImagePathError:
+    return ImagePathError("image_outside_root", f"image {image!r} resolves outside data.image_root ({root})")
 
 
 def _resolve(root: Path, path: Path, image: str) -> Path:
@@ -173,7 +177,7 @@ class ImageChecker:
         if self.s3 and filesystem is None and self.mode != "off":
             self.filesystem = storage.filesystem(image_root)[0]
         self._seen: dict[str, tuple[str, str] | None] = {}
-        self._folders: dict[str, str] = {}  # resolved image folders (`confined_path`)
+        self._folders: dict[str, str | None] = {}  # resolved image folders (`confined_path`)
 
     @property
     def check_images(self) -> bool:

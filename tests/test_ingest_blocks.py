@@ -123,7 +123,7 @@ def test_load_rows_hands_a_unit_over_in_blocks(shards, tiny_model_dir, monkeypat
     settings = {"model_dir": tiny_model_dir, "shards": str(tmp_path / "prepared" / "shards"), "image_root": str(root)}
     order = list(range(table.num_rows))[::-1]
     blocks = list(ingest.load_rows(pa.Table.from_pylist([{"rows": order}]), **settings))
-    assert [len(b["row"]) for b in blocks] == [3] * (len(order) // 3) + ([len(order) % 3] if len(order) % 3 else [])
+    assert [len(b["row"]) for b in blocks] == [3, 3, 2], "8 rows: blocks of LOAD_BLOCK_ROWS, the rest last"
     assert [r for b in blocks for r in b["row"]] == order, "the unit's rows once each, in its order"
 
 
